@@ -1,0 +1,130 @@
+"""Equivalence of the SAE's sparse fast path against the dense reference, and checkpoint robustness."""
+import pytest
+import torch
+
+from mcsae.sae import KINDS, SAE, SAEConfig, dense_reference
+
+
+def _sae(kind, F=96, d=20, k=5, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d, n_features=F, k=k, kind=kind, **kw), dtype=dtype)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2)
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))  # untie
+    return sae
+
+
+@pytest.mark.parametrize("kind,caps", [("topk", "zipf"), ("feature_choice", "zipf"), ("feature_choice", "uniform"),
+                                       ("mutual_choice", "zipf")])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_path_matches_dense_reference(kind, caps, seed):
+    sae = _sae(kind, capacities=caps, seed=seed)
+    x = torch.randn(37, 20, dtype=torch.float64)
+    target = torch.randn(37, 20, dtype=torch.float64)
+    out = sae(x)
+    loss = ((out.x_hat - target) ** 2).sum()
+    params = list(sae.parameters())
+    grads = torch.autograd.grad(loss, params)
+    ref = dense_reference(sae, x, out.codes.alloc.to_mask())
+    grads_ref = torch.autograd.grad(((ref - target) ** 2).sum(), params)
+    torch.testing.assert_close(out.x_hat, ref)
+    for (name, _), g, gr in zip(sae.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, gr, msg=name)
+    torch.testing.assert_close(out.codes.to_dense(), torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * out.codes.alloc.to_mask())
+
+
+def test_input_gradient_matches_reference():
+    sae = _sae("mutual_choice")
+    x = torch.randn(16, 20, dtype=torch.float64, requires_grad=True)
+    out = sae(x)
+    (g,) = torch.autograd.grad(out.x_hat.pow(2).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(dense_reference(sae, x2, out.codes.alloc.to_mask()).pow(2).sum(), x2)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_budgets(kind):
+    sae = _sae(kind, dtype=torch.float32, F=200, k=7)
+    x = torch.randn(64, 20)
+    l0 = sae(x).codes.l0()
+    if kind == "topk":
+        assert (l0 <= 7).all() and l0.sum() > 0
+    else:
+        assert l0.sum() <= 7 * 64
+    if kind == "feature_choice":
+        per_feature = torch.bincount(sae(x).codes.alloc.feature, minlength=200)
+        assert (per_feature <= sae.capacities(64)).all()
+
+
+def test_threshold_mode_is_per_token_and_deterministic():
+    sae = _sae("feature_choice", dtype=torch.float32)
+    for _ in range(5):
+        sae(torch.randn(128, 20))
+    sae.eval()
+    x = torch.randn(50, 20)
+    whole = sae(x, mode="threshold").codes.alloc.to_mask()
+    parts = torch.cat([sae(x[i:i + 7], mode="threshold").codes.alloc.to_mask() for i in range(0, 50, 7)])
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("bad", [dict(k=96), dict(k=200), dict(k=0), dict(kind="nope"), dict(capacities="exp")])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        SAEConfig(**{**dict(d_in=20, n_features=96, k=5), **bad})
+
+
+def test_bad_inputs():
+    sae = _sae("topk", dtype=torch.float32)
+    for x in [torch.randn(4, 19), torch.randn(20), torch.randn(0, 20), torch.tensor([[float("inf")] * 20])]:
+        with pytest.raises(ValueError):
+            sae(x)
+    with pytest.raises(ValueError, match="mode"):
+        sae(torch.randn(4, 20), mode="fast")
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    sae = _sae("mutual_choice", dtype=torch.float32)
+    sae(torch.randn(64, 20))
+    path = sae.save(tmp_path / "a.safetensors")
+    back = SAE.load(path)
+    for (n, a), b in zip(sae.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), n
+    # truncated file
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a valid"):
+        SAE.load(tmp_path / "trunc.safetensors")
+    # a safetensors file that is not an mcsae checkpoint
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an mcsae"):
+        SAE.load(tmp_path / "other.safetensors")
+    # shapes that do not match the stored config
+    import json
+    from mcsae.sae import CHECKPOINT_FORMAT
+    from dataclasses import asdict
+    tensors = {k: v.clone() for k, v in sae.state_dict().items()}
+    tensors["W_dec"] = tensors["W_dec"][:, :10].contiguous()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(sae.cfg))})
+    with pytest.raises(ValueError, match="W_dec"):
+        SAE.load(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError):
+        SAE.load(tmp_path / "missing.safetensors")
+
+
+def test_save_does_not_clobber_on_failure(tmp_path, monkeypatch):
+    sae = _sae("topk", dtype=torch.float32)
+    path = sae.save(tmp_path / "sae.safetensors")
+    before = path.read_bytes()
+    import mcsae.sae as m
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(m, "save_file", boom)
+    with pytest.raises(OSError):
+        sae.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.safetensors"]
