@@ -82,9 +82,9 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset("smoke", context_length=64, n_tokens=24_000, eval_fraction=0.15, eval_tokens=2048,
-                    downstream_contexts=8, train_tokens=16_384, batch_size=1024, n_features=512, ks=(8, 16), main_k=16,
-                    dead_tokens=4096, model_batch_size=16, timing_steps=3),
+    "smoke": Preset("smoke", hook=3, context_length=64, n_tokens=12_000, eval_fraction=0.15, eval_tokens=1024,
+                    downstream_contexts=2, train_tokens=8192, batch_size=512, n_features=256, ks=(8, 16), main_k=16,
+                    dead_tokens=2048, model_batch_size=16, timing_steps=3),
     "cpu": Preset("cpu"),
     "paper": Preset("paper", model="gpt2", hook=8, corpus="Skylion007/openwebtext", context_length=128,
                     n_tokens=210_000_000, eval_fraction=0.005, eval_tokens=1_000_000, downstream_contexts=512,
@@ -140,6 +140,9 @@ def run_sweep(preset: Preset, work_dir: str | Path, results_dir: str | Path, pro
     rows, extras = [], {"densities": {}, "adaptive": {"spearman": []}, "curves": {}}
     done_path = work_dir / "sweep_done.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    t0 = time.time()
+    log = (lambda msg: print(f"[sweep {time.time() - t0:6.0f} s] {msg}", flush=True)) if progress else (lambda msg: None)
+    log(f"activations ready: {len(cache)} vectors of width {cache.d_model}")
     for seed in preset.seeds:
         if str(seed) in done:
             rows += done[str(seed)]["rows"]
@@ -148,8 +151,10 @@ def run_sweep(preset: Preset, work_dir: str | Path, results_dir: str | Path, pro
         runs = preset.runs(seed)
         sae_dir = work_dir / "saes" / f"seed{seed}"
         paths = train([r[3] for r in runs], source, sae_dir, resume=True, device=preset.device, progress=progress)
+        log(f"seed {seed}: trained {len(runs)} SAEs")
         saes = {r[3].name: SAE.load(p, device=preset.device) for r, p in zip(runs, paths)}
         seed_rows, seed_extras = _evaluate_seed(preset, runs, saes, sae_dir, eval_x, model, ctx, keep, seed, progress)
+        log(f"seed {seed}: evaluated")
         done[str(seed)] = {"rows": seed_rows, "extras": seed_extras}
         save_results(done, done_path)
         rows += seed_rows
