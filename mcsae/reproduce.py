@@ -42,22 +42,23 @@ class Preset:
     "Model, data and sweep of one reproduction."
     name: str
     model: str = "smollm2-135m"
-    hook: int | str = 15
+    hook: int | str = 8
     corpus: str = "default"
     context_length: int = 128
-    n_tokens: int = 1_100_000  # activations extracted (train + held-out)
+    n_tokens: int = 440_000  # activations extracted (train + held-out)
     eval_fraction: float = 0.06
-    eval_tokens: int = 32_768  # held-out activations used for reconstruction metrics
-    downstream_contexts: int = 32  # held-out contexts for the spliced-model loss
-    train_tokens: int = 1_000_000  # tokens per SAE
-    batch_size: int = 4096
-    n_features: int = 4096
+    eval_tokens: int = 16_384  # held-out activations used for reconstruction metrics
+    downstream_contexts: int = 4  # held-out contexts for the spliced-model loss
+    train_tokens: int = 400_000  # tokens per SAE
+    batch_size: int = 2048
+    n_features: int = 2048
     ks: tuple = (16, 32, 64)
     main_k: int = 32
     variants: tuple = ("topk", "fc_zipf", "fc_uniform", "mc")
     aux: tuple = ("aux_k", "aux_zipf")  # auxiliary losses tried at main_k
     seeds: tuple = (0, 1, 2)
-    dead_tokens: int = 250_000
+    dead_tokens: int = 100_000
+    warmup_steps: int = 20
     zipf_s: float = 1.0
     model_batch_size: int = 32
     device: str = "cpu"
@@ -76,6 +77,7 @@ class Preset:
             for k, aux in [(k, "none") for k in self.ks] + [(self.main_k, a) for a in self.aux]:
                 cfg = TrainConfig(**fields_, n_features=self.n_features, k=k, aux=aux, zipf_s=self.zipf_s, seed=seed,
                                   n_tokens=self.train_tokens, batch_size=self.batch_size, dead_tokens=self.dead_tokens,
+                                  warmup_steps=self.warmup_steps,
                                   name=f"{variant}-{aux}-k{k}-s{seed}", checkpoint_every=0)
                 out.append((variant, aux, k, cfg))
         return out
@@ -84,12 +86,12 @@ class Preset:
 PRESETS = {
     "smoke": Preset("smoke", hook=3, context_length=64, n_tokens=12_000, eval_fraction=0.15, eval_tokens=1024,
                     downstream_contexts=2, train_tokens=8192, batch_size=512, n_features=256, ks=(8, 16), main_k=16,
-                    dead_tokens=2048, model_batch_size=16, timing_steps=3),
+                    dead_tokens=2048, warmup_steps=2, model_batch_size=16, timing_steps=3),
     "cpu": Preset("cpu"),
     "paper": Preset("paper", model="gpt2", hook=8, corpus="Skylion007/openwebtext", context_length=128,
                     n_tokens=210_000_000, eval_fraction=0.005, eval_tokens=1_000_000, downstream_contexts=512,
-                    train_tokens=200_000_000, n_features=24576, ks=(16, 32, 64, 128), dead_tokens=10_000_000,
-                    model_batch_size=64, device="cuda", timing_steps=50),
+                    train_tokens=200_000_000, batch_size=4096, n_features=24576, ks=(16, 32, 64, 128),
+                    dead_tokens=10_000_000, warmup_steps=1000, model_batch_size=64, device="cuda", timing_steps=50),
 }
 
 
