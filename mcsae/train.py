@@ -275,7 +275,7 @@ class Trainer:
         fold_input_scale(sae, self.scale)
         summary = {"train_config": asdict(self.cfg), "steps": self.step_idx, "tokens": self.step_idx * self.cfg.batch_size,
                    "input_scale_folded": self.scale, "final": self.last, **self.stats.summary()}
-        torch.save(self.stats.state_dict(), self.out_dir / "feature_stats.pt")
+        atomic_torch_save(self.stats.state_dict(), self.out_dir / "feature_stats.pt")
         return sae.save(self.out_dir / "sae.safetensors", metadata=summary)
 
 
@@ -314,15 +314,13 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
         if existing and not (resume or overwrite):
             raise FileExistsError(f"{t.out_dir} already holds a run ({', '.join(existing)}): "
                                   "pass resume=True to continue it or overwrite=True to replace it")
-        if overwrite and not resume:
-            (t.out_dir / "metrics.jsonl").unlink(missing_ok=True)
     stream = source.batches(B, seed=seed, start=0)
     first = next(stream)
     for t in trainers:
         t.initialize(first)
         if resume and t.checkpoint_path.exists():
             t.load_checkpoint()
-            _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint
+        _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
     start = min(t.step_idx for t in trainers)
     stream = source.batches(B, seed=seed, start=start)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"training {len(trainers)} SAE(s)")
