@@ -25,8 +25,8 @@ from .train import CacheSource, TrainConfig, read_metrics, train
 
 # %% auto #0
 __all__ = ['VARIANTS', 'PRESETS', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'Preset', 'get_preset', 'provenance', 'modes_of',
-           'run_sweep', 'read_runs', 'step_times', 'run_timing', 'notebooks_dir', 'run_notebook', 'reproduce',
-           'write_index']
+           'run_sweep', 'pilot_zipf_exponent', 'read_runs', 'step_times', 'run_timing', 'notebooks_dir', 'run_notebook',
+           'reproduce', 'write_index']
 
 # %% ../nbs/06_reproduce.ipynb #59940d70
 VARIANTS = {  # name -> (TrainConfig fields, label in figures)
@@ -59,7 +59,8 @@ class Preset:
     seeds: tuple = (0, 1, 2)
     dead_tokens: int = 100_000
     warmup_steps: int = 20
-    zipf_s: float = 1.0
+    zipf_s: float | None = None  # FC (Zipf) exponent; None: fitted to a pilot TopK SAE's feature densities (SPEC §1.1)
+    pilot_tokens: int = 100_000  # training tokens of that pilot
     model_batch_size: int = 32
     device: str = "cpu"
     timing_steps: int = 10
@@ -69,15 +70,17 @@ class Preset:
         return ActivationConfig(model=self.model, hook=self.hook, corpus=self.corpus, context_length=self.context_length,
                                 n_tokens=self.n_tokens, model_batch_size=self.model_batch_size, device=self.device)
 
-    def runs(self, seed: int) -> list[tuple[str, str, int, TrainConfig]]:
+    def runs(self, seed: int, zipf_s: float | None = None) -> list[tuple[str, str, int, TrainConfig]]:
         "(variant, aux, k, TrainConfig) of every SAE trained with this seed."
+        zipf_s = zipf_s if zipf_s is not None else (self.zipf_s if self.zipf_s is not None else 1.0)
+        log_every = max(1, self.train_tokens // self.batch_size // 50)  # ~50 points per training curve
         out = []
         for variant in self.variants:
             fields_, _ = VARIANTS[variant]
             for k, aux in [(k, "none") for k in self.ks] + [(self.main_k, a) for a in self.aux]:
-                cfg = TrainConfig(**fields_, n_features=self.n_features, k=k, aux=aux, zipf_s=self.zipf_s, seed=seed,
+                cfg = TrainConfig(**fields_, n_features=self.n_features, k=k, aux=aux, zipf_s=zipf_s, seed=seed,
                                   n_tokens=self.train_tokens, batch_size=self.batch_size, dead_tokens=self.dead_tokens,
-                                  warmup_steps=self.warmup_steps,
+                                  warmup_steps=self.warmup_steps, log_every=log_every,
                                   name=f"{variant}-{aux}-k{k}-s{seed}", checkpoint_every=0)
                 out.append((variant, aux, k, cfg))
         return out
@@ -86,12 +89,13 @@ class Preset:
 PRESETS = {
     "smoke": Preset("smoke", hook=3, context_length=64, n_tokens=12_000, eval_fraction=0.15, eval_tokens=1024,
                     downstream_contexts=2, train_tokens=8192, batch_size=512, n_features=256, ks=(8, 16), main_k=16,
-                    dead_tokens=2048, warmup_steps=2, model_batch_size=16, timing_steps=3),
+                    dead_tokens=2048, warmup_steps=2, pilot_tokens=4096, model_batch_size=16, timing_steps=3),
     "cpu": Preset("cpu"),
     "paper": Preset("paper", model="gpt2", hook=8, corpus="Skylion007/openwebtext", context_length=128,
                     n_tokens=210_000_000, eval_fraction=0.005, eval_tokens=1_000_000, downstream_contexts=512,
                     train_tokens=200_000_000, batch_size=4096, n_features=24576, ks=(16, 32, 64, 128),
-                    dead_tokens=10_000_000, warmup_steps=1000, model_batch_size=64, device="cuda", timing_steps=50),
+                    dead_tokens=10_000_000, warmup_steps=1000, pilot_tokens=20_000_000, model_batch_size=64, device="cuda",
+                    timing_steps=50),
 }
 
 
@@ -145,12 +149,17 @@ def run_sweep(preset: Preset, work_dir: str | Path, results_dir: str | Path, pro
     t0 = time.time()
     log = (lambda msg: print(f"[sweep {time.time() - t0:6.0f} s] {msg}", flush=True)) if progress else (lambda msg: None)
     log(f"activations ready: {len(cache)} vectors of width {cache.d_model}")
+    if "zipf" not in done:
+        done["zipf"] = pilot_zipf_exponent(preset, source, work_dir / "pilot", _batches(eval_x, preset.batch_size))
+        save_results(done, done_path)
+    zipf_s = done["zipf"]["s"]
+    log(f"FC (Zipf) capacities use s = {zipf_s:.3f} ({done['zipf']['source']})")
     for seed in preset.seeds:
         if str(seed) in done:
             rows += done[str(seed)]["rows"]
             _merge(extras, done[str(seed)]["extras"])
             continue
-        runs = preset.runs(seed)
+        runs = preset.runs(seed, zipf_s)
         sae_dir = work_dir / "saes" / f"seed{seed}"
         paths = train([r[3] for r in runs], source, sae_dir, resume=True, device=preset.device, progress=progress)
         log(f"seed {seed}: trained {len(runs)} SAEs")
@@ -165,8 +174,24 @@ def run_sweep(preset: Preset, work_dir: str | Path, results_dir: str | Path, pro
     save_results(extras["densities"], results_dir / "densities.json")
     save_results(extras["adaptive"], results_dir / "adaptive.json")
     save_results(extras["curves"], results_dir / "curves.json")
-    save_results(provenance(preset, cache.manifest), results_dir / "provenance.json")
+    save_results({**provenance(preset, cache.manifest), "zipf_s_used": done["zipf"]}, results_dir / "provenance.json")
     return results_dir
+
+
+def pilot_zipf_exponent(preset: Preset, source, out_dir: Path, eval_batches: list) -> dict:
+    "The Zipf exponent s of FC capacities: preset.zipf_s, or the fit to a pilot TopK SAE's held-out densities."
+    if preset.zipf_s is not None:
+        return {"s": preset.zipf_s, "source": "preset"}
+    cfg = TrainConfig(kind="topk", n_features=preset.n_features, k=preset.main_k, n_tokens=preset.pilot_tokens,
+                      batch_size=preset.batch_size, dead_tokens=preset.dead_tokens, warmup_steps=preset.warmup_steps,
+                      checkpoint_every=0, name="pilot-topk")
+    path = train(cfg, source, out_dir, overwrite=True, device=preset.device, progress=False)[0]
+    m = reconstruction_metrics(SAE.load(path, device=preset.device), eval_batches)
+    fit = m.get("zipf")
+    if not fit or not 0 < fit["s"] < 5:
+        return {"s": 1.0, "source": f"default (pilot fit unusable: {fit})"}
+    return {"s": fit["s"], "C": fit["C"], "r2": fit["r2"],
+            "source": f"fit to a pilot TopK SAE (k={preset.main_k}, {preset.pilot_tokens} tokens)"}
 
 
 def _merge(into: dict, extras: dict) -> None:

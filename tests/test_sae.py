@@ -128,3 +128,66 @@ def test_save_does_not_clobber_on_failure(tmp_path, monkeypatch):
         sae.save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.safetensors"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_step_saves_no_dense_batch_by_features_tensor(kind):
+    "After the encoder matmul nothing of size B x F is kept for the backward pass."
+    B, F_, d = 64, 512, 20
+    sae = _sae(kind, F=F_, d=d, k=4, dtype=torch.float32)
+    x = torch.randn(B, d)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = sae(x)
+        loss = ((out.x_hat - x) ** 2).sum()
+    loss.backward()
+    assert saved and max(saved) < B * F_, saved
+    assert all(p.grad is not None for p in sae.parameters())
+
+
+def test_by_feature_and_decode_without_order():
+    from mcsae.sae import SparseCodes, by_feature
+    sae = _sae("mutual_choice")
+    x = torch.randn(30, 20, dtype=torch.float64)
+    out = sae(x)
+    a, o = out.codes.alloc, out.codes.order
+    assert torch.equal(o.perm, torch.argsort(a.feature, stable=True))
+    assert torch.equal(o.token, a.token[o.perm])
+    assert torch.equal(o.offsets.diff(), torch.bincount(a.feature, minlength=a.n_features))
+    assert torch.equal(by_feature(a).perm, o.perm)
+    # decoding codes that carry no order (e.g. the aux losses' codes) sorts on demand, same result
+    again = sae.decode(SparseCodes(out.codes.values, a))
+    torch.testing.assert_close(again, out.x_hat)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_allocation_backward(kind):
+    "A batch with no positive affinity selects nothing; the step still runs and gradients are zero where expected."
+    sae = _sae(kind, dtype=torch.float32)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)  # every pre-activation negative
+    x = torch.randn(8, 20)
+    out = sae(x)
+    assert out.codes.alloc.feature.numel() == 0
+    ((out.x_hat - x) ** 2).sum().backward()
+    assert sae.W_enc.grad.abs().sum() == 0 and sae.W_dec.grad.abs().sum() == 0
+    torch.testing.assert_close(sae.b_dec.grad, 2 * (sae.b_dec - x).sum(0).detach())
+
+
+def test_remove_parallel_grads_matches_projection():
+    sae = _sae("topk")
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    g, w = sae.W_dec.grad.clone(), sae.W_dec.detach()
+    sae.remove_parallel_grads()
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * w).sum(1, keepdim=True) * w)
+
+
+def test_check_input_catches_nan_and_inf_anywhere():
+    sae = _sae("topk", dtype=torch.float32)
+    for bad in [float("nan"), float("inf"), -float("inf")]:
+        x = torch.randn(16, 20)
+        x[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            sae(x)
+    big = torch.full((16, 20), 3e38)  # finite, but its float32 sum would overflow
+    sae.check_input(big)
