@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .allocation import topk_allocation
@@ -23,8 +24,9 @@ def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
     "Normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-    total = (x - x.mean(0)).pow(2).sum()
-    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
+    with torch.no_grad():  # the denominator is a constant of the data
+        total = (x - x.mean(0)).pow(2).sum()
+    return F.mse_loss(x_hat, x, reduction="sum") / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 # %% ../nbs/02_losses.ipynb #46cd07ca
 def aux_zipf_loss(sae: SAE, x: Tensor, out: SAEOutput, weights: Tensor, k_aux: int | None = None,

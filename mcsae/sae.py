@@ -40,7 +40,8 @@ class SAEConfig:
     capacities: str = "zipf"  # feature choice only: "zipf" | "uniform"
     zipf_s: float = 1.0  # exponent of the Zipf capacities (s = 1 is Zipf's law)
     rank_every: int = 100  # feature choice: training steps between refreshes of the ranks
-    ema_decay: float = 0.99  # decay of the demand and threshold EMAs
+    ema_decay: float = 0.99  # decay of the FC demand EMA (ranks)
+    threshold_decay: float = 0.95  # decay of the inference-threshold EMA: ~20 recent batches, so early training fades
 
     def __post_init__(self):
         self.kind = _ALIASES.get(self.kind, self.kind)
@@ -52,8 +53,8 @@ class SAEConfig:
             raise ValueError(f"d_in and n_features must be positive, got d_in={self.d_in}, n_features={self.n_features}")
         if not 1 <= self.k < self.n_features:
             raise ValueError(f"k must satisfy 1 <= k < n_features, got k={self.k} with n_features={self.n_features}")
-        if self.zipf_s < 0 or not 0 <= self.ema_decay < 1 or self.rank_every < 1:
-            raise ValueError("zipf_s must be >= 0, ema_decay in [0, 1) and rank_every >= 1")
+        if self.zipf_s < 0 or not 0 <= self.ema_decay < 1 or not 0 <= self.threshold_decay < 1 or self.rank_every < 1:
+            raise ValueError("zipf_s must be >= 0, ema_decay and threshold_decay in [0, 1), rank_every >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":
@@ -195,7 +196,9 @@ class SAE(nn.Module):
         if self.cfg.capacities == "uniform":
             caps = uniform_capacities(F_, budget)
         else:
-            caps = zipf_capacities(F_, budget, s=self.cfg.zipf_s, max_per_feature=n_tokens, ranks=self.ranks.cpu())
+            floor = 1 if budget >= F_ else 0  # every feature is offered at least one token per batch
+            caps = floor + zipf_capacities(F_, budget - floor * F_, s=self.cfg.zipf_s, max_per_feature=n_tokens - floor,
+                                           ranks=self.ranks.cpu())
         caps = caps.to(self.W_enc.device)
         self._capacity_cache["caps"] = (key, caps)
         return caps
@@ -254,13 +257,14 @@ class SAE(nn.Module):
         "Update the inference thresholds and (FC) the demand EMA and ranks after a training batch."
         cfg, first = self.cfg, int(self.step) == 0
         beta = 0.0 if first else cfg.ema_decay
+        gamma = 0.0 if first else cfg.threshold_decay
         vals = codes.values.detach()  # [nnz]
         if cfg.kind == "mutual_choice":
             batch_theta = vals.min() if vals.numel() else aff.max()
-            self.thresholds.mul_(beta).add_((1 - beta) * batch_theta)
+            self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
         elif cfg.kind == "feature_choice":
             batch_theta = self._fc_batch_thresholds(aff, codes.alloc, vals)
-            self.thresholds.mul_(beta).add_((1 - beta) * batch_theta)
+            self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
             self.demand.mul_(beta).add_((1 - beta) * (aff.new_ones(aff.shape[0]) @ aff))  # column sums [F], as a GEMV
             if int(self.step) % cfg.rank_every == 0:
                 order = torch.argsort(self.demand, descending=True, stable=True)  # densest first
