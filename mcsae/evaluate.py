@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .losses import FeatureStats, fit_zipf
-from .sae import SAE
+from .sae import SAE, atomic_write
 
 # %% auto #0
 __all__ = ['reconstruction_metrics', 'spearman', 'adaptive_computation', 'save_results', 'training_statistics',
@@ -96,20 +96,7 @@ def adaptive_computation(sae: SAE, reference: SAE, batches: Iterable[Tensor], mo
 # %% ../nbs/05_evaluate.ipynb #88f11deb
 def save_results(results: dict, path: str | Path) -> Path:
     "Write results as JSON via a temporary file and an atomic rename."
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
 
 def training_statistics(run_dir: str | Path) -> dict:

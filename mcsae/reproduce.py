@@ -20,7 +20,7 @@ import mcsae
 from .activations import ActivationConfig, build_cache, load_model, open_cache
 from .evaluate import adaptive_computation, downstream_losses, reconstruction_metrics, save_results, training_statistics
 from .losses import nmse
-from .sae import SAE
+from .sae import SAE, atomic_write
 from .train import CacheSource, TrainConfig, read_metrics, train
 
 # %% auto #0
@@ -258,9 +258,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k) for k in RUN_FIELDS})
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
 def read_runs(results_dir: str | Path) -> list[dict]:
@@ -392,8 +390,4 @@ def write_index(figures_dir: str | Path, preset: str) -> Path:
         lines += [f"## {notes.get('title', name)}", "", notes.get("shows", ""), "", f"Files: {files}", ""]
         if notes.get("findings"):
             lines += ["What the data say:", ""] + [f"* {f}" for f in notes["findings"]] + [""]
-    path = figures_dir / "INDEX.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return atomic_write(figures_dir / "INDEX.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .allocation import Allocation, allocate, topk_allocation, uniform_capacitie
 
 # %% auto #0
 __all__ = ['KINDS', 'CHECKPOINT_FORMAT', 'SAEConfig', 'FeatureOrder', 'by_feature', 'SparseCodes', 'SAEOutput', 'SparseEncode',
-           'SparseDecode', 'SAE', 'geometric_median', 'atomic_save_safetensors', 'read_safetensors', 'dense_reference']
+           'SparseDecode', 'SAE', 'geometric_median', 'atomic_write', 'read_safetensors', 'dense_reference']
 
 # %% ../nbs/01_sae.ipynb #bbcaf23f
 KINDS = ("topk", "feature_choice", "mutual_choice")
@@ -317,7 +317,7 @@ class SAE(nn.Module):
         meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(self.cfg))}
         if metadata:
             meta["metadata"] = json.dumps(metadata)
-        return atomic_save_safetensors(tensors, path, meta)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SAE":
@@ -362,14 +362,14 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
 CHECKPOINT_FORMAT = "mcsae-sae-v1"
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    "Write tensors to path via a temporary file and an atomic rename."
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    "Call write(tmp) on a temporary file next to path, then rename it onto path atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -21,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .losses import FeatureStats, aux_k_loss, aux_zipf_loss, nmse
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, atomic_write
 
 # %% auto #0
 __all__ = ['AUX_LOSSES', 'TrainConfig', 'BatchSource', 'TensorSource', 'CacheSource', 'lr_factor', 'input_scale',
@@ -281,17 +279,7 @@ class Trainer:
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
     "torch.save to a temporary file in the same folder, then an atomic rename."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 # %% ../nbs/04_train.ipynb #47921d22
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
