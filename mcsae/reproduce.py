@@ -11,7 +11,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,6 @@ import torch
 import mcsae
 from .activations import ActivationConfig, build_cache, load_model, open_cache
 from .evaluate import adaptive_computation, downstream_losses, reconstruction_metrics, save_results, training_statistics
-from .losses import nmse
 from .sae import SAE, atomic_write
 from .train import CacheSource, TrainConfig, read_metrics, train
 

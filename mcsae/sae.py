@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .allocation import Allocation, allocate, topk_allocation, uniform_capacities, zipf_capacities
+from .allocation import Allocation, allocate, uniform_capacities, zipf_capacities
 
 # %% auto #0
 __all__ = ['KINDS', 'CHECKPOINT_FORMAT', 'SAEConfig', 'FeatureOrder', 'by_feature', 'SparseCodes', 'SAEOutput', 'SparseEncode',

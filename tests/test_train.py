@@ -1,6 +1,6 @@
 """End-to-end training: resume equals uninterrupted, sweep on one stream, CLI on a tiny cache, errors."""
 import json
-from pathlib import Path
+
 
 import pytest
 import torch
