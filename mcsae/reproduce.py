@@ -377,6 +377,8 @@ def write_index(figures_dir: str | Path, preset: str) -> Path:
              f"* Each SAE: {p.get('n_features')} features, trained on {p.get('train_tokens')} tokens in batches of {p.get('batch_size')}; "
              f"k in {p.get('ks')}, auxiliary losses {p.get('aux')} at k = {p.get('main_k')}; seeds {p.get('seeds')} "
              f"(numbers are mean ± std over seeds); dead = no firing in the last {p.get('dead_tokens')} training tokens.",
+             f"* FC (Zipf) capacities use s = {prov.get('zipf_s_used', {}).get('s', float('nan')):.3f} "
+             f"({prov.get('zipf_s_used', {}).get('source', 'unknown')}).",
              f"* Rerun everything: `mcsae reproduce --preset {preset}`; redraw one output from the committed results in `data/`: "
              f"`mcsae reproduce --preset {preset} --skip-experiments --only NAME`.", ""]
     for name in FIGURES:
