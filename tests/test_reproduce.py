@@ -16,7 +16,7 @@ from mcsae.reproduce import EXPERIMENTS, FIGURES, get_preset
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     figures, work = root / "figures", root / "work"
-    cmd = [sys.executable, "-m", "mcsae.cli", "reproduce", "--preset", "smoke", "--figures-dir", str(figures),
+    cmd = [sys.executable, "-c", "from mcsae.cli import main; main()", "reproduce", "--preset", "smoke", "--figures-dir", str(figures),
            "--work-dir", str(work), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
