@@ -78,33 +78,36 @@ def maxrss_mib() -> float:
 # only for the first/last step).
 
 
-def build_matmul(torch, F, d, k, first_x):
-    W = torch.randn(F, d) / d**0.5
-    b = torch.zeros(F)
+def build_matmul(torch, F, d, k, first_x, device="cpu", autocast=False):
+    W = torch.randn(F, d, device=device) / d**0.5
+    b = torch.zeros(F, device=device)
 
     def step(x):
-        return torch.addmm(b, x, W.t())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return torch.addmm(b, x, W.t())
 
-    return step, F * d + F, "addmm forward only"
+    return step, F * d + F, "addmm forward only" + (", bf16 autocast" if autocast else "")
 
 
-def build_sparsify(torch, F, d, k, first_x, auxk_alpha=1 / 32):
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+def build_sparsify(torch, F, d, k, first_x, device="cpu", autocast=False, auxk_alpha=1 / 32):
+    if device == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
     from transformers import get_linear_schedule_with_warmup
 
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=F, k=k), device="cpu", dtype=torch.float32)
+    # SparseCoder.forward is wrapped in bf16 autocast on CUDA by sparsify itself
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=F, k=k), device=device, dtype=torch.float32)
     # sparsify.Trainer, Adam branch (bitsandbytes absent -> torch.optim.Adam)
     lr = 2e-4 / (sae.num_latents / (2**14)) ** 0.5
     opt = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
     sched = get_linear_schedule_with_warmup(opt, 1000, 100_000)
     # global_step == 0: centre pre-activations by setting b_dec to the batch mean
     sae.b_dec.data = first_x.mean(0).to(sae.dtype)
-    num_tokens_since_fired = torch.zeros(F, dtype=torch.long)
+    num_tokens_since_fired = torch.zeros(F, dtype=torch.long, device=device)
     dead_feature_threshold = 10_000_000
 
     def step(x):
-        did_fire = torch.zeros(F, dtype=torch.bool)
+        did_fire = torch.zeros(F, dtype=torch.bool, device=device)
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = num_tokens_since_fired > dead_feature_threshold if auxk_alpha > 0 else None
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -127,7 +130,9 @@ def build_sparsify(torch, F, d, k, first_x, auxk_alpha=1 / 32):
     return step, n_params, f"decoder={su.decoder_impl.__name__}, Adam lr={lr:.2e}, auxk_alpha={auxk_alpha}"
 
 
-def build_saelens(torch, F, d, k, first_x, batchtopk=False, sparse=False):
+def build_saelens(torch, F, d, k, first_x, device="cpu", autocast=False, batchtopk=False, sparse=False):
+    import contextlib
+
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.training.optim import get_lr_scheduler
 
@@ -137,7 +142,7 @@ def build_saelens(torch, F, d, k, first_x, batchtopk=False, sparse=False):
     else:
         from sae_lens.saes.topk_sae import TopKTrainingSAE as Cls
         from sae_lens.saes.topk_sae import TopKTrainingSAEConfig as Cfg
-    kw = dict(d_in=d, d_sae=F, k=k, dtype="float32", device="cpu")
+    kw = dict(d_in=d, d_sae=F, k=k, dtype="float32", device=device)
     if sparse:
         kw["use_sparse_activations"] = True
     sae = Cls(Cfg(**kw))
@@ -147,30 +152,33 @@ def build_saelens(torch, F, d, k, first_x, batchtopk=False, sparse=False):
         "constant", lr=3e-4, optimizer=opt, warm_up_steps=0, decay_steps=0,
         training_steps=100_000, lr_end=3e-5, num_cycles=1,
     )
-    n_since_fired = torch.zeros(F)
-    act_freq_scores = torch.zeros(F)
+    n_since_fired = torch.zeros(F, device=device)
+    act_freq_scores = torch.zeros(F, device=device)
+    # SAETrainer's cfg.autocast: bf16 autocast around the forward pass and firing statistics
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     dead_feature_window = 1000
     state = {"n": 0}
 
     def step(x):
         sae.train()
-        out = sae.training_forward_pass(
-            step_input=TrainStepInput(
-                sae_in=x,
-                dead_neuron_mask=(n_since_fired > dead_feature_window).bool(),
-                coefficients={},
-                n_training_steps=state["n"],
-                is_logging_step=False,
+        with amp():
+            out = sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=x,
+                    dead_neuron_mask=(n_since_fired > dead_feature_window).bool(),
+                    coefficients={},
+                    n_training_steps=state["n"],
+                    is_logging_step=False,
+                )
             )
-        )
-        with torch.no_grad():
-            firing = out.feature_acts.bool().float()
-            did_fire = firing.sum(-2).bool()
-            if did_fire.is_sparse:
-                did_fire = did_fire.to_dense()
-            n_since_fired.add_(1)
-            n_since_fired[did_fire] = 0
-            act_freq_scores.add_(firing.sum(0).to_dense() if firing.is_sparse else firing.sum(0))
+            with torch.no_grad():
+                firing = out.feature_acts.bool().float()
+                did_fire = firing.sum(-2).bool()
+                if did_fire.is_sparse:
+                    did_fire = did_fire.to_dense()
+                n_since_fired.add_(1)
+                n_since_fired[did_fire] = 0
+                act_freq_scores.add_(firing.sum(0).to_dense() if firing.is_sparse else firing.sum(0))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
@@ -181,11 +189,12 @@ def build_saelens(torch, F, d, k, first_x, batchtopk=False, sparse=False):
 
     n_params = sum(p.numel() for p in sae.parameters())
     note = (f"rescale_acts_by_decoder_norm={sae.cfg.rescale_acts_by_decoder_norm}, "
-            f"sparse_acts={getattr(sae.cfg, 'use_sparse_activations', False)}, aux_coef={sae.cfg.aux_loss_coefficient}")
+            f"sparse_acts={getattr(sae.cfg, 'use_sparse_activations', False)}, aux_coef={sae.cfg.aux_loss_coefficient}"
+            + (", bf16 autocast" if autocast else ""))
     return step, n_params, note
 
 
-def build_mcsae(torch, F, d, k, first_x, kind):
+def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False):
     # Exactly what mcsae training runs per batch: mcsae.train.Trainer.step (scale the input, forward,
     # nmse (aux="none"), backward, remove_parallel_grads, clip_grad_norm_, Adam, normalize_decoder,
     # FeatureStats.update), after Trainer.initialize (input scale, b_dec = geometric median).
@@ -194,8 +203,8 @@ def build_mcsae(torch, F, d, k, first_x, kind):
     from mcsae.train import TrainConfig, Trainer
 
     B = first_x.shape[0]
-    cfg = TrainConfig(kind=kind, n_features=F, k=k, batch_size=B, n_tokens=B * 100)
-    trainer = Trainer(cfg, d, out_dir=tempfile.mkdtemp(prefix="mcsae-bench-"))
+    cfg = TrainConfig(kind=kind, n_features=F, k=k, batch_size=B, n_tokens=B * 100, autocast=autocast)
+    trainer = Trainer(cfg, d, out_dir=tempfile.mkdtemp(prefix="mcsae-bench-"), device=device)
     trainer.initialize(first_x)
 
     def step(x):
@@ -203,13 +212,13 @@ def build_mcsae(torch, F, d, k, first_x, kind):
 
     n_params = sum(p.numel() for p in trainer.sae.parameters())
     fused = trainer.opt.defaults.get("fused")
-    return step, n_params, f"Trainer.step kind={kind}, Adam fused={fused}"
+    return step, n_params, f"Trainer.step kind={kind}, Adam fused={fused}" + (", bf16 autocast" if autocast else "")
 
 
 # --------------------------------------------------------------------------- worker
 def worker(args) -> dict:
     impl, F = args.worker, args.worker_features
-    res = dict(impl=impl, features=F, batch=args.batch, d=args.d, k=args.k, python=sys.executable)
+    res = dict(impl=impl, features=F, batch=args.batch, d=args.d, k=args.k, python=sys.executable, device=args.device)
     try:
         import torch
     except ImportError as e:  # pragma: no cover
@@ -218,15 +227,23 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     res.update(torch=torch.__version__, threads=torch.get_num_threads())
     torch.manual_seed(args.seed)
-    batches = make_batches(torch, 4, args.batch, args.d, seed=args.seed)
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        return {**res, "status": "skipped: CUDA not available"}
+    if cuda:
+        res.update(gpu=torch.cuda.get_device_name(dev))
+    autocast = cuda and not args.no_autocast  # bf16 around the matmuls, fp32 parameters and optimizer state
+    batches = [b.to(dev) for b in make_batches(torch, 4, args.batch, args.d, seed=args.seed)]
+    kw = dict(device=dev, autocast=autocast)
     try:
         if impl == "matmul":
-            step, n_params, note = build_matmul(torch, F, args.d, args.k, batches[0])
+            step, n_params, note = build_matmul(torch, F, args.d, args.k, batches[0], **kw)
         elif impl == "sparsify-topk":
-            step, n_params, note = build_sparsify(torch, F, args.d, args.k, batches[0])
+            step, n_params, note = build_sparsify(torch, F, args.d, args.k, batches[0], **kw)
         elif impl.startswith("saelens"):
             step, n_params, note = build_saelens(
-                torch, F, args.d, args.k, batches[0],
+                torch, F, args.d, args.k, batches[0], **kw,
                 batchtopk=impl == "saelens-batchtopk", sparse=impl == "saelens-topk-sparse",
             )
         elif impl in MCSAE:
@@ -234,13 +251,18 @@ def worker(args) -> dict:
                 import mcsae.train  # noqa: F401
             except Exception as e:
                 return {**res, "status": f"skipped: mcsae.train not available ({type(e).__name__}: {e})"}
-            step, n_params, note = build_mcsae(torch, F, args.d, args.k, batches[0], MCSAE[impl])
+            step, n_params, note = build_mcsae(torch, F, args.d, args.k, batches[0], MCSAE[impl], **kw)
         else:
             return {**res, "status": f"skipped: unknown impl {impl}"}
     except ImportError as e:
         return {**res, "status": f"skipped: import failed ({e})"}
     res.update(n_params=n_params, note=note)
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        gpu_before = torch.cuda.memory_allocated(dev) / 2**20
     rss_before = rss_mib()
     load_start = os.getloadavg()[0]
     times, losses = [], []
@@ -248,8 +270,10 @@ def worker(args) -> dict:
     n_total = args.warmup + args.steps
     for i in range(n_total):
         x = batches[i % len(batches)]
+        sync()
         t0 = time.perf_counter()
         loss = step(x)
+        sync()
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
@@ -278,6 +302,9 @@ def worker(args) -> dict:
         loadavg_start=load_start,  # 1-min load average: >> threads means contended timings
         loadavg_end=os.getloadavg()[0],
     )
+    if cuda:  # on the GPU, memory columns report the device's allocator instead of host RSS
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        res.update(gpu_mem_before_steps_mib=gpu_before, peak_gpu_mib=peak, step_peak_gpu_delta_mib=peak - gpu_before)
     return res
 
 
@@ -295,7 +322,8 @@ def run_one(impl: str, F: int, args) -> dict:
     cmd = [py, str(Path(__file__).resolve()), "--worker", impl, "--worker-features", str(F),
            "--batch", str(args.batch), "--d", str(args.d), "--k", str(args.k),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--min-steps", str(args.min_steps),
-           "--time-budget", str(args.time_budget), "--seed", str(args.seed), "--threads", str(args.threads)]
+           "--time-budget", str(args.time_budget), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--device", args.device] + (["--no-autocast"] if args.no_autocast else [])
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -313,7 +341,7 @@ def fmt_table(results: list[dict]) -> str:
     ref = {r["features"]: r["median_ms"] for r in results if r["impl"] == REFERENCE and r.get("status") == "ok"}
     mm = {r["features"]: r["median_ms"] for r in results if r["impl"] == "matmul" and r.get("status") == "ok"}
     head = ("| impl | F | median ms | IQR ms | steps | tokens/s | vs sparsify-topk | step / enc-matmul "
-            "| peak RSS MiB | step peak Δ MiB | threads | loss first→last |")
+            "| peak mem MiB | step peak Δ MiB | threads | loss first→last |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         if r.get("status") != "ok":
@@ -323,10 +351,12 @@ def fmt_table(results: list[dict]) -> str:
         vs = f"{med / ref[F]:.2f}×" if F in ref else "–"
         vm = f"{med / mm[F]:.1f}×" if F in mm and r["impl"] != "matmul" else ("1" if r["impl"] == "matmul" else "–")
         loss = (f"{r['loss_first']:.3g}→{r['loss_last']:.3g}" if r.get("loss_first") is not None else "–")
+        gpu = "peak_gpu_mib" in r  # GPU rows: device memory (torch.cuda.max_memory_allocated), not host RSS
+        peak, delta = (r["peak_gpu_mib"], r["step_peak_gpu_delta_mib"]) if gpu else (r["peak_rss_mib"], r["step_peak_delta_mib"])
         lines.append(
             f"| {r['impl']} | {F} | {med:.1f} | {r['q25_ms']:.1f}–{r['q75_ms']:.1f} | {r['steps']} "
-            f"| {r['tokens_per_s']:,.0f} | {vs} | {vm} | {r['peak_rss_mib']:.0f} "
-            f"| {r['step_peak_delta_mib']:.0f} | {r['threads']} | {loss} |"
+            f"| {r['tokens_per_s']:,.0f} | {vs} | {vm} | {peak:.0f}{' (GPU)' if gpu else ''} "
+            f"| {delta:.0f} | {r['threads']} | {loss} |"
         )
     return "\n".join(lines)
 
@@ -346,6 +376,9 @@ def main(argv=None):
     ap.add_argument("--impl", nargs="+", default=DEFAULT_IMPLS, choices=ALL_IMPLS)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on CUDA every row runs bf16 autocast "
+                    "around the forward pass (sparsify does so itself) unless --no-autocast")
+    ap.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA (sparsify still autocasts)")
     ap.add_argument("--anchor-python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable,
                     help="interpreter for matmul/sparsify/SAE Lens rows (default: benchmarks/.venv)")
     ap.add_argument("--mcsae-python", default=SYSTEM_PY if Path(SYSTEM_PY).exists() else sys.executable,
@@ -368,7 +401,10 @@ def main(argv=None):
             msg = (f"{r['median_ms']:.1f} ms median over {r['steps']} steps" if r.get("status") == "ok"
                    else r.get("status"))
             print(f"[{impl} F={F}] {msg}", file=sys.stderr, flush=True)
-    print(f"\nB={args.batch} d={args.d} k={args.k} fp32 CPU; warm-up {args.warmup}; "
+    where = "fp32 CPU" if args.device == "cpu" else (
+        f"{args.device} ({next((r['gpu'] for r in results if 'gpu' in r), '?')}), "
+        + ("fp32" if args.no_autocast else "bf16 autocast, fp32 parameters"))
+    print(f"\nB={args.batch} d={args.d} k={args.k} {where}; warm-up {args.warmup}; "
           f"anchors: {args.anchor_python}; mcsae: {args.mcsae_python}\n")
     print(fmt_table(results))
     loads = [r[k] for r in results for k in ("loadavg_start", "loadavg_end") if k in r]
