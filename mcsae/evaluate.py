@@ -8,17 +8,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from .activations import load_model, model_device, replace_activation
 from .losses import FeatureStats, fit_zipf
 from .sae import SAE, atomic_write
 
 # %% auto #0
 __all__ = ['reconstruction_metrics', 'spearman', 'adaptive_computation', 'save_results', 'training_statistics',
-           'downstream_losses', 'evaluate_run', 'asdict_cfg']
+           'downstream_losses', 'evaluate_run']
 
 # %% ../nbs/05_evaluate.ipynb #5f885910
 @torch.no_grad()
@@ -102,7 +106,7 @@ def save_results(results: dict, path: str | Path) -> Path:
 def training_statistics(run_dir: str | Path) -> dict:
     "Dead and dying fractions from a run's saved training statistics, with their window."
     run_dir = Path(run_dir)
-    sae_meta = json.loads(json.dumps(_metadata(run_dir / "sae.safetensors")))
+    sae_meta = _metadata(run_dir / "sae.safetensors")
     path = run_dir / "feature_stats.pt"
     if not path.exists():
         return {}
@@ -129,10 +133,6 @@ def _metadata(path: Path) -> dict:
 def downstream_losses(model: torch.nn.Module, tokens: Tensor, hook: int | str, saes: dict[str, tuple[SAE, str]],
                       keep: Tensor | None = None, batch_size: int = 16, progress: bool = False) -> dict:
     "CE clean / zero-ablated / spliced for each named (sae, mode), loss recovered and KL, over contexts [N, T]."
-    from tqdm.auto import tqdm
-
-    from mcsae.activations import model_device, replace_activation
-
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_contexts, T >= 2], got {tuple(tokens.shape)}")
     keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
@@ -187,10 +187,6 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
                  batch_size: int | None = None, downstream_contexts: int = 32, device: str = "cpu",
                  progress: bool = True) -> dict:
     "Evaluate the SAE in run_dir on an activation cache's held-out split; write run_dir/eval.json."
-    import numpy as np
-
-    from mcsae.activations import load_model
-
     run_dir = Path(run_dir)
     sae = SAE.load(run_dir / "sae.safetensors", device=device)
     meta = _metadata(run_dir / "sae.safetensors")
@@ -203,7 +199,7 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
         raise ValueError(f"the activation cache at {cache.path} has no held-out ('eval') activations")
     b = min(bs, len(x))
     batches = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
-    res = {"run": str(run_dir), "sae": asdict_cfg(sae), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
+    res = {"run": str(run_dir), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
            "modes": {m: reconstruction_metrics(sae, batches, mode=m) for m in modes}, **training_statistics(run_dir)}
     if downstream_contexts:
         if model is None:
@@ -215,10 +211,3 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
         res["downstream"] = downstream_losses(model, ctx, hook, {m: (sae, m) for m in modes}, keep=keep, progress=progress)
     save_results(res, run_dir / "eval.json")
     return res
-
-
-def asdict_cfg(sae: SAE) -> dict:
-    "The SAE's config as a dict."
-    from dataclasses import asdict
-
-    return asdict(sae.cfg)

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import mcsae
@@ -139,7 +140,7 @@ def run_sweep(preset: Preset, work_dir: str | Path, results_dir: str | Path, pro
     lo, hi = cache.split_range("eval")
     eval_x = cache.read("eval")[: preset.eval_tokens]  # [n, d]
     ctx = cache.tokens("eval")[: preset.downstream_contexts]  # [n_ctx, T]
-    keep = torch.from_numpy(__import__("numpy").load(cache.path / "keep.npy"))
+    keep = torch.from_numpy(np.load(cache.path / "keep.npy"))
     c0, _ = cache.manifest["context_splits"]["eval"]
     keep = keep[c0:c0 + len(ctx)]
     rows, extras = [], {"densities": {}, "adaptive": {"spearman": []}, "curves": {}}
