@@ -242,9 +242,13 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
         boundary = vals[:, k - 1]  # [B]
         tied = ((vals[:, k] == boundary) & (boundary > 0)).nonzero().flatten()  # rows with a tie across the cut
         if tied.numel() > 0:
-            exact = torch.sort(z[tied], dim=1, descending=True, stable=True).indices[:, :k]  # [n_tied, k]
+            zt, cut = z[tied], boundary[tied, None]  # [n_tied, F], [n_tied, 1]
+            above, equal = zt > cut, zt == cut  # [n_tied, F]
+            room = k - above.sum(1, keepdim=True)  # [n_tied, 1] places left for values equal to the cut
+            pick = above | (equal & (equal.cumsum(1) <= room))  # exactly k per row, lowest index first
+            exact = pick.nonzero()[:, 1].view(-1, k)  # [n_tied, k]
             idx[tied, :k] = exact
-            vals[tied, :k] = z[tied].gather(1, exact)
+            vals[tied, :k] = zt.gather(1, exact)
     idx, order = idx[:, :k].sort(dim=1)  # [B, k], ascending feature
     keep = vals[:, :k].gather(1, order) > 0  # [B, k]
     counts = keep.sum(1)  # [B]

@@ -258,7 +258,7 @@ class SAE(nn.Module):
         cfg, first = self.cfg, int(self.step) == 0
         beta = 0.0 if first else cfg.ema_decay
         gamma = 0.0 if first else cfg.threshold_decay
-        vals = codes.values.detach()  # [nnz]
+        vals = codes.values.detach().to(self.thresholds.dtype)  # [nnz] (bf16 under autocast)
         if cfg.kind == "mutual_choice":
             batch_theta = vals.min() if vals.numel() else aff.max()
             self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
@@ -281,7 +281,7 @@ class SAE(nn.Module):
         theta = torch.where(n_sel < caps, torch.zeros_like(theta), theta)  # column ran out of positives
         off = caps == 0
         if off.any():
-            theta[off] = aff[:, off].max(0).values  # m_i = 0: stay off
+            theta[off] = aff[:, off].max(0).values.to(theta.dtype)  # m_i = 0: stay off
         return theta
 
     # ---- decoder geometry --------------------------------------------------------------------

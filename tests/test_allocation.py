@@ -207,6 +207,18 @@ def test_dtypes_and_no_grad():
     assert same(topk_allocation(z, 8), topk_mask(z.detach(), 8))  # works on a tensor that requires grad
 
 
+def test_bf16_affinities_with_many_ties():
+    "Mixed precision gives bf16 affinities, where ties across the cut are the rule: still exactly the reference."
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(512, 3000, generator=gen).relu().bfloat16()
+    vals = torch.topk(z.float(), 17, dim=1).values
+    assert (vals[:, 15] == vals[:, 16]).float().mean() > 0.2  # many rows are tied at the boundary
+    caps = zipf_capacities(3000, 16 * 512, s=0.8, max_per_feature=512)
+    assert same(topk_allocation(z, 16), topk_mask(z, 16))
+    assert same(mutual_choice_allocation(z, 16 * 512), mutual_choice_mask(z, 16 * 512))
+    assert same(feature_choice_allocation(z, caps), feature_choice_mask(z, caps))
+
+
 # ---------------------------------------------------------------- errors
 def test_errors():
     z = torch.rand(4, 6)

@@ -69,6 +69,20 @@ def test_threshold_mode_is_per_token_and_deterministic():
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_forward_under_bf16_autocast(kind):
+    "Under autocast the affinities are bf16; selection and the fp32 statistics still work (CPU autocast here)."
+    sae = _sae(kind, dtype=torch.float32, F=200, k=7)
+    x = torch.randn(64, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            out = sae(x)
+    assert out.affinities.dtype == torch.bfloat16 and out.x_hat.dtype == torch.float32
+    assert sae.thresholds.dtype == torch.float32 and torch.isfinite(sae.thresholds).all() and int(sae.step) == 3
+    out.x_hat.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
+
+
 @pytest.mark.parametrize("bad", [dict(k=96), dict(k=200), dict(k=0), dict(kind="nope"), dict(capacities="exp")])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
