@@ -190,9 +190,7 @@ class Allocation(NamedTuple):
 
 def _offsets(token: Tensor, n_tokens: int) -> Tensor:
     "CSR row pointer of a sorted token index (long [B+1])."
-    offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=token.device)  # [B+1]
-    offsets[1:] = torch.bincount(token, minlength=n_tokens).cumsum(0)
-    return offsets
+    return torch.searchsorted(token, torch.arange(n_tokens + 1, device=token.device))  # [B+1]: tokens before each row
 
 
 def _from_flat(flat: Tensor, n_tokens: int, n_features: int) -> Allocation:
@@ -236,26 +234,30 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
     _check_k(k, F)
     if k == 0 or B == 0:
         return _empty(B, F, z.device)
-    vals, idx = torch.topk(z, min(k + 1, F), dim=1, sorted=True)  # [B, k+1], NaN/inf sort first
-    _check_finite(vals[:, 0])
-    if k < F:
-        boundary = vals[:, k - 1]  # [B]
-        tied = ((vals[:, k] == boundary) & (boundary > 0)).nonzero().flatten()  # rows with a tie across the cut
-        if tied.numel() > 0:
-            zt, cut = z[tied], boundary[tied, None]  # [n_tied, F], [n_tied, 1]
-            above, equal = zt > cut, zt == cut  # [n_tied, F]
-            room = k - above.sum(1, keepdim=True)  # [n_tied, 1] places left for values equal to the cut
-            pick = above | (equal & (equal.cumsum(1) <= room))  # exactly k per row, lowest index first
-            exact = pick.nonzero()[:, 1].view(-1, k)  # [n_tied, k]
-            idx[tied, :k] = exact
-            vals[tied, :k] = zt.gather(1, exact)
-    idx, order = idx[:, :k].sort(dim=1)  # [B, k], ascending feature
-    keep = vals[:, :k].gather(1, order) > 0  # [B, k]
-    counts = keep.sum(1)  # [B]
-    token = torch.repeat_interleave(torch.arange(B, device=z.device), counts)  # [nnz]
+    vals, idx = torch.topk(z, min(k + 1, F), dim=1, sorted=True)  # [B, k+1], descending, NaN/inf first
+    counts = (vals[:, :k] > 0).sum(1)  # [B] the positive ones among the k largest
+    tie = (vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > 0) if k < F else torch.zeros_like(counts, dtype=torch.bool)
+    # one host sync for the three facts the rest depends on (each its own .item() would wait for the GPU thrice)
+    finite, any_tie, nnz = torch.stack([torch.isfinite(vals[:, 0]).all().long(), tie.any().long(), counts.sum()]).tolist()
+    if not finite:
+        raise ValueError("affinities z contain non-finite values (NaN or inf)")
+    if any_tie:  # rows with a tie across the cut: all k picks are positive, only which ones is in question
+        tied = tie.nonzero().flatten()  # [n_tied]
+        zt, cut = z[tied], vals[tied, k - 1, None]  # [n_tied, F], [n_tied, 1]
+        above, equal = zt > cut, zt == cut  # [n_tied, F]
+        room = k - above.sum(1, keepdim=True)  # [n_tied, 1] places left for values equal to the cut
+        pick = above | (equal & (equal.cumsum(1) <= room))  # exactly k per row, lowest index first
+        idx[tied, :k] = pick.nonzero()[:, 1].view(-1, k)  # [n_tied, k]
+    # the selected pairs of a row are the first counts[t] of its k (values descend); the rest become F, sorted last
+    slots = torch.arange(k, device=z.device)  # [k]
+    idx = idx[:, :k].masked_fill(slots >= counts[:, None], F).sort(dim=1).values  # [B, k], ascending feature
+    token = torch.repeat_interleave(torch.arange(B, device=z.device), counts, output_size=nnz)  # [nnz]
     offsets = torch.zeros(B + 1, dtype=torch.long, device=z.device)
     offsets[1:] = counts.cumsum(0)
-    return Allocation(token, idx[keep], offsets, F)
+    if nnz == B * k:  # every token has k positive affinities (the usual case)
+        return Allocation(token, idx.flatten(), offsets, F)
+    rank = torch.arange(nnz, device=z.device) - offsets[token]  # [nnz] position of each pair within its token
+    return Allocation(token, idx.flatten()[token * k + rank], offsets, F)
 
 # %% ../nbs/00_allocation.ipynb #db748406
 _BLOCK = 32

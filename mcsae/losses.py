@@ -122,8 +122,11 @@ class FeatureStats(nn.Module):
     def update(self, codes: SparseCodes) -> None:
         "Count one batch of codes."
         n_tok = codes.alloc.n_tokens
-        fired = torch.bincount(codes.alloc.feature, minlength=self.density.numel())  # [F] tokens per feature
-        beta = self.ema_decay if int(self.n_batches) > 0 else 0.0
+        if codes.order is not None:  # the forward pass already counted the pairs of each feature
+            fired = codes.order.offsets.diff()  # [F] tokens per feature
+        else:
+            fired = torch.bincount(codes.alloc.feature, minlength=self.density.numel())  # [F]
+        beta = torch.where(self.n_batches > 0, self.ema_decay, 0.0)  # 0-d tensor: no host sync on a GPU
         self.density.mul_(beta).add_((1 - beta) * fired.double() / n_tok)
         self.tokens_since_fired.add_(n_tok).masked_fill_(fired.to(self.density.device) > 0, 0)
         self.n_tokens += n_tok

@@ -212,9 +212,10 @@ class Trainer:
             loss_rec = nmse(x, out.x_hat.float())
             loss_aux = self.aux_loss(x, out)
         loss = loss_rec + loss_aux
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{cfg.name}: loss is {loss.item()} at step {self.step_idx} "
-                                   f"(nmse {loss_rec.item()}, aux {loss_aux.item()}); the last checkpoint in {self.out_dir} is intact")
+        nmse_value, aux_value = torch.stack([loss_rec.detach(), loss_aux.detach().float()]).tolist()  # one host sync
+        if not math.isfinite(nmse_value + aux_value):
+            raise TrainingDiverged(f"{cfg.name}: loss is {nmse_value + aux_value} at step {self.step_idx} "
+                                   f"(nmse {nmse_value}, aux {aux_value}); the last checkpoint in {self.out_dir} is intact")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grads()
@@ -224,8 +225,8 @@ class Trainer:
         self.stats.update(out.codes)
         self.step_idx += 1
         l0 = out.codes.alloc.feature.numel() / x.shape[0]
-        self.last = {"step": self.step_idx, "tokens": self.step_idx * x.shape[0], "nmse": loss_rec.item(),
-                     "aux": loss_aux.item(), "l0": l0, "lr": self.opt.param_groups[0]["lr"]}
+        self.last = {"step": self.step_idx, "tokens": self.step_idx * x.shape[0], "nmse": nmse_value,
+                     "aux": aux_value, "l0": l0, "lr": self.opt.param_groups[0]["lr"]}
         return self.last
 
     def aux_loss(self, x: Tensor, out) -> Tensor:
