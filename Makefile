@@ -25,7 +25,7 @@ check:
 
 test: install check
 	nbdev_test --n_workers 2
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # loadfile: the smoke reproduce fixture runs once, not once per worker
 
 reproduce: install
 	mcsae reproduce --preset $(PRESET)
