@@ -226,6 +226,36 @@ def _smallest_positive(z: Tensor) -> Tensor:
     return torch.nextafter(zero, torch.ones_like(zero))
 
 # %% ../nbs/00_allocation.ipynb #e9471da4
+def _lowest_index_picks(values: Tensor, index: Tensor, cut: Tensor, k: int) -> Tensor:
+    "Per row, the k entries above the cut or equal to it, lowest index first among the equal ones ([n, k])."
+    index, order = index.sort(dim=1)  # [n, m] ascending index
+    values = values.gather(1, order)  # [n, m]
+    above, equal = values > cut, values == cut  # [n, m]
+    room = k - above.sum(1, keepdim=True)  # [n, 1] places left for values equal to the cut
+    pick = above | (equal & (equal.cumsum(1, dtype=torch.int32) <= room))  # exactly k per row
+    return index[pick].view(-1, k)
+
+
+def _break_ties(z: Tensor, rows: Tensor, k: int, chunk: int = 2**24) -> Tensor:
+    "Exact top-k feature indices of the given rows of z whose k-th and (k+1)-th values are equal ([n, k])."
+    B, F = z.shape
+    m = min(F, 2 * k + 1)  # enough for k + 1 more values equal to the cut
+    vals, idx = torch.topk(z[rows], m, dim=1)  # [n, m] descending
+    cut = vals[:, k - 1, None]  # [n, 1]
+    out = torch.empty(rows.numel(), k, dtype=torch.long, device=z.device)  # [n, k]
+    whole = (vals[:, -1:] == cut).flatten() if m < F else torch.zeros_like(rows, dtype=torch.bool)  # cut value beyond m
+    few = (~whole).nonzero().flatten()  # [n_few] rows where every value equal to the cut is among the m
+    out[few] = _lowest_index_picks(vals[few], idx[few], cut[few], k)
+    many = whole.nonzero().flatten()  # [n_many] rows with more ties than that: search the whole row, in chunks
+    step = max(1, chunk // F)
+    for i in range(0, many.numel(), step):
+        part = many[i:i + step]
+        row = z[rows[part]]  # [p, F]
+        cols = torch.arange(F, device=z.device).expand_as(row)
+        out[part] = _lowest_index_picks(row, cols, cut[part], k)
+    return out
+
+
 @torch.no_grad()
 def topk_allocation(z: Tensor, k: int) -> Allocation:
     "Exact TopK allocation: the k largest positive affinities per token, lowest feature on ties."
@@ -243,11 +273,7 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
     if any_tie:  # rows with a tie across the cut: all k picks are positive, only which ones is in question
         tied = tie.nonzero().flatten()  # [n_tied]
-        zt, cut = z[tied], vals[tied, k - 1, None]  # [n_tied, F], [n_tied, 1]
-        above, equal = zt > cut, zt == cut  # [n_tied, F]
-        room = k - above.sum(1, keepdim=True)  # [n_tied, 1] places left for values equal to the cut
-        pick = above | (equal & (equal.cumsum(1) <= room))  # exactly k per row, lowest index first
-        idx[tied, :k] = pick.nonzero()[:, 1].view(-1, k)  # [n_tied, k]
+        idx[tied, :k] = _break_ties(z, tied, k)
     # the selected pairs of a row are the first counts[t] of its k (values descend); the rest become F, sorted last
     slots = torch.arange(k, device=z.device)  # [k]
     idx = idx[:, :k].masked_fill(slots >= counts[:, None], F).sort(dim=1).values  # [B, k], ascending feature

@@ -81,7 +81,7 @@ def fit_zipf(densities: Tensor) -> ZipfFit:
     p = torch.sort(p[p > 0], descending=True).values
     if p.numel() < 2:
         raise ValueError(f"fit_zipf needs at least 2 features with positive density, got {p.numel()}")
-    lr = torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float64))
+    lr = torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device))
     lp = torch.log(p)
     lr_c, lp_c = lr - lr.mean(), lp - lp.mean()
     slope = (lr_c * lp_c).sum() / (lr_c * lr_c).sum()

@@ -219,6 +219,23 @@ def test_bf16_affinities_with_many_ties():
     assert same(feature_choice_allocation(z, caps), feature_choice_mask(z, caps))
 
 
+@pytest.mark.parametrize("levels", [2, 50, 200])
+def test_topk_ties_within_and_beyond_the_second_topk(levels):
+    "Boundary ties resolved from the 2k+1 largest (few equal values) or the whole row in chunks (many): both exact."
+    from mcsae.allocation import _break_ties
+    gen = torch.Generator().manual_seed(levels)
+    z = (torch.rand(120, 900, generator=gen) * levels).floor() / levels  # [120, 900], heavy ties
+    for k in (1, 7, 33):
+        ref = topk_mask(z, k)
+        assert same(topk_allocation(z, k), ref)
+        vals = torch.topk(z, k + 1, dim=1).values
+        rows = ((vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > 0)).nonzero().flatten()
+        picks = _break_ties(z, rows, k, chunk=2000)  # tiny chunks: the whole-row search runs several times
+        mask = torch.zeros_like(ref)
+        mask[rows.unsqueeze(1), picks] = True
+        assert torch.equal(mask[rows], ref[rows])
+
+
 # ---------------------------------------------------------------- errors
 def test_errors():
     z = torch.rand(4, 6)
