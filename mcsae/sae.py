@@ -109,6 +109,20 @@ def _bag(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tens
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
 
 
+def _feature_sums(order: FeatureOrder, table: Tensor, weights: Tensor, max_bag: int | None = None) -> Tensor:
+    "Per feature f, sum of weights[i] * table[token_i] over its pairs ([F, d]); weights in feature order."
+    if max_bag is None:  # a GPU gives one bag to one thread block: split long bags (Zipf heads in FC) to balance them
+        max_bag = 256 if table.is_cuda else 0
+    if not max_bag:
+        return _bag(order.token, table, order.offsets, weights)  # [F, d]
+    n_features, nnz = order.offsets.numel() - 1, order.token.numel()
+    cuts = torch.arange(0, nnz, max_bag, device=table.device)  # [ceil(nnz / max_bag)]
+    starts = torch.cat([order.offsets[:-1], cuts]).sort().values  # [n_bags], each bag inside one feature
+    owner = (torch.searchsorted(order.offsets, starts, right=True) - 1).clamp_(max=n_features - 1)  # [n_bags]
+    sums = _bag(order.token, table, torch.cat([starts, order.offsets[-1:]]), weights)  # [n_bags, d]
+    return sums.new_zeros(n_features, table.shape[1]).index_add_(0, owner, sums)  # empty bags add zeros
+
+
 class SparseEncode(torch.autograd.Function):
     "Code values at the selected pairs, with gradients computed from those pairs alone."
 
@@ -125,7 +139,7 @@ class SparseEncode(torch.autograd.Function):
         a, o = ctx.alloc, ctx.order
         g = grad.to(W_enc.dtype)  # [nnz]
         grad_b_enc = torch.zeros_like(W_enc[:, 0]).index_add_(0, a.feature, g)  # [F]
-        grad_W = _bag(o.token, x_c.to(W_enc.dtype), o.offsets, g[o.perm]) if ctx.needs_input_grad[2] else None  # [F, d]
+        grad_W = _feature_sums(o, x_c.to(W_enc.dtype), g[o.perm]) if ctx.needs_input_grad[2] else None  # [F, d]
         grad_b_dec = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[1] else None  # [d]
         grad_x = _bag(a.feature, W_enc, a.offsets, g) if ctx.needs_input_grad[0] else None  # [B, d]
         return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None, None
@@ -153,7 +167,7 @@ class SparseDecode(torch.autograd.Function):
         a, o = ctx.alloc, ctx.order
         grad_out = grad_out.to(W_dec.dtype).contiguous()  # [B, d]
         grad_v = _pair_dots(grad_out, W_dec, a) if ctx.needs_input_grad[0] else None  # [nnz]
-        grad_W = _bag(o.token, grad_out, o.offsets, values[o.perm]) if ctx.needs_input_grad[1] else None  # [F, d]
+        grad_W = _feature_sums(o, grad_out, values[o.perm]) if ctx.needs_input_grad[1] else None  # [F, d]
         return grad_v, grad_W, None, None
 
 # %% ../nbs/01_sae.ipynb #1e86a41c

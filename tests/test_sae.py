@@ -34,6 +34,22 @@ def test_sparse_path_matches_dense_reference(kind, caps, seed):
     torch.testing.assert_close(out.codes.to_dense(), torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * out.codes.alloc.to_mask())
 
 
+@pytest.mark.parametrize("max_bag", [1, 3, 64])
+def test_split_feature_bags_equal_whole_bags(max_bag):
+    "The GPU's split per-feature sums (long bags cut into pieces) equal one bag per feature."
+    from mcsae.allocation import feature_choice_allocation, zipf_capacities
+    from mcsae.sae import _feature_sums, by_feature
+    gen = torch.Generator().manual_seed(max_bag)
+    z = torch.randn(200, 50, generator=gen).relu()
+    alloc = feature_choice_allocation(z, zipf_capacities(50, 600, s=1.2, max_per_feature=200))  # skewed: long bags
+    order = by_feature(alloc)
+    table, w = torch.randn(200, 7, dtype=torch.float64, generator=gen), torch.randn(alloc.feature.numel(), dtype=torch.float64, generator=gen)
+    whole = _feature_sums(order, table, w, max_bag=0)
+    torch.testing.assert_close(_feature_sums(order, table, w, max_bag=max_bag), whole)
+    dense = torch.zeros(50, 7, dtype=torch.float64).index_add_(0, alloc.feature[order.perm], w.unsqueeze(1) * table[order.token])
+    torch.testing.assert_close(whole, dense)
+
+
 def test_input_gradient_matches_reference():
     sae = _sae("mutual_choice")
     x = torch.randn(16, 20, dtype=torch.float64, requires_grad=True)
