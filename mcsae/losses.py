@@ -126,7 +126,7 @@ class FeatureStats(nn.Module):
             fired = codes.order.offsets.diff()  # [F] tokens per feature
         else:
             fired = torch.bincount(codes.alloc.feature, minlength=self.density.numel())  # [F]
-        beta = torch.where(self.n_batches > 0, self.ema_decay, 0.0)  # 0-d tensor: no host sync on a GPU
+        beta = (self.n_batches > 0).double() * self.ema_decay  # 0-d float64 tensor: no host sync on a GPU
         self.density.mul_(beta).add_((1 - beta) * fired.double() / n_tok)
         self.tokens_since_fired.add_(n_tok).masked_fill_(fired.to(self.density.device) > 0, 0)
         self.n_tokens += n_tok
