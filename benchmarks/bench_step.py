@@ -21,9 +21,14 @@ Implementations (``--impl``):
                       interpreter (``--mcsae-python``, PYTHONPATH=repo root); rows say
                       "skipped: ..." when mcsae.train is not importable.
 
+On a GPU (``--device cuda``) every row runs under bf16 autocast around its forward pass
+(sparsify autocasts by itself; ``--no-autocast`` for fp32 elsewhere), with fp32 parameters and
+optimizer state, and the memory columns report ``torch.cuda.max_memory_allocated``.
+
 Example:
   benchmarks/.venv/bin/python benchmarks/bench_step.py --features 6144 24576 \
       --batch 4096 --d 768 --k 32 --steps 10 --json benchmarks/results.json
+  python3 benchmarks/bench_step.py --device cuda --anchor-python python3 --mcsae-python python3
 """
 from __future__ import annotations
 
