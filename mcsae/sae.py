@@ -270,9 +270,8 @@ class SAE(nn.Module):
     @torch.no_grad()
     def update_statistics(self, aff: Tensor, codes: SparseCodes) -> None:
         "Update the inference thresholds and (FC) the demand EMA and ranks after a training batch."
-        cfg, first = self.cfg, self.step == 0  # a 0-d tensor, so that a GPU need not wait for the host here
-        beta = torch.where(first, 0.0, cfg.ema_decay)
-        gamma = torch.where(first, 0.0, cfg.threshold_decay)
+        cfg, later = self.cfg, (self.step > 0).double()  # a 0-d tensor, so that a GPU need not wait for the host here
+        beta, gamma = later * cfg.ema_decay, later * cfg.threshold_decay  # float64, like the Python floats they stand for
         vals = codes.values.detach().to(self.thresholds.dtype)  # [nnz] (bf16 under autocast)
         if cfg.kind == "mutual_choice":
             batch_theta = vals.min() if vals.numel() else aff.max()
@@ -280,7 +279,7 @@ class SAE(nn.Module):
         elif cfg.kind == "feature_choice":
             batch_theta = self._fc_batch_thresholds(aff, codes.alloc, vals)
             self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
-            self.demand.mul_(beta).add_((1 - beta) * (aff.new_ones(aff.shape[0]) @ aff))  # column sums [F], as a GEMV
+            self.demand.mul_(beta).add_((1 - beta) * (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype))  # column sums [F]
             if int(self.step) % cfg.rank_every == 0:
                 order = torch.argsort(self.demand, descending=True, stable=True)  # densest first
                 ranks = torch.empty_like(self.ranks)

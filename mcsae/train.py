@@ -212,9 +212,9 @@ class Trainer:
             loss_rec = nmse(x, out.x_hat.float())
             loss_aux = self.aux_loss(x, out)
         loss = loss_rec + loss_aux
-        nmse_value, aux_value = torch.stack([loss_rec.detach(), loss_aux.detach().float()]).tolist()  # one host sync
-        if not math.isfinite(nmse_value + aux_value):
-            raise TrainingDiverged(f"{cfg.name}: loss is {nmse_value + aux_value} at step {self.step_idx} "
+        nmse_value, aux_value, loss_value = torch.stack([loss_rec, loss_aux.float(), loss]).detach().tolist()  # one sync
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"{cfg.name}: loss is {loss_value} at step {self.step_idx} "
                                    f"(nmse {nmse_value}, aux {aux_value}); the last checkpoint in {self.out_dir} is intact")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
