@@ -188,9 +188,9 @@ class Allocation(NamedTuple):
         return cls(token, feature, _offsets(token, mask.shape[0]), mask.shape[1])
 
 
-def _offsets(token: Tensor, n_tokens: int) -> Tensor:
-    "CSR row pointer of a sorted token index (long [B+1])."
-    return torch.searchsorted(token, torch.arange(n_tokens + 1, device=token.device))  # [B+1]: tokens before each row
+def _offsets(keys: Tensor, n: int) -> Tensor:
+    "CSR row pointer of sorted integer keys in [0, n): entry i counts the keys below i (long [n+1])."
+    return torch.searchsorted(keys, torch.arange(n + 1, dtype=keys.dtype, device=keys.device))  # no host sync, unlike bincount
 
 
 def _from_flat(flat: Tensor, n_tokens: int, n_features: int) -> Allocation:
@@ -238,7 +238,7 @@ def _lowest_index_picks(values: Tensor, index: Tensor, cut: Tensor, k: int) -> T
 
 def _break_ties(z: Tensor, rows: Tensor, k: int, chunk: int = 2**24) -> Tensor:
     "Exact top-k feature indices of the given rows of z whose k-th and (k+1)-th values are equal ([n, k])."
-    B, F = z.shape
+    F = z.shape[1]
     m = min(F, 2 * k + 1)  # enough for k + 1 more values equal to the cut
     vals, idx = torch.topk(z[rows], m, dim=1)  # [n, m] descending
     cut = vals[:, k - 1, None]  # [n, 1]

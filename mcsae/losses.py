@@ -122,10 +122,7 @@ class FeatureStats(nn.Module):
     def update(self, codes: SparseCodes) -> None:
         "Count one batch of codes."
         n_tok = codes.alloc.n_tokens
-        if codes.order is not None:  # the forward pass already counted the pairs of each feature
-            fired = codes.order.offsets.diff()  # [F] tokens per feature
-        else:
-            fired = torch.bincount(codes.alloc.feature, minlength=self.density.numel())  # [F]
+        fired = codes.feature_order().offsets.diff()  # [F] tokens per feature (counted by the forward pass already)
         beta = (self.n_batches > 0).double() * self.ema_decay  # 0-d float64 tensor: no host sync on a GPU
         self.density.mul_(beta).add_((1 - beta) * fired.double() / n_tok)
         self.tokens_since_fired.add_(n_tok).masked_fill_(fired.to(self.density.device) > 0, 0)
