@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ALLOCATION_KINDS', 'uniform_capacities', 'zipf_capacities', 'topk_mask', 'feature_choice_mask', 'mutual_choice_mask',
-           'Allocation', 'topk_allocation', 'mutual_choice_allocation', 'feature_choice_allocation', 'allocate']
+__all__ = ['ALLOCATION_KINDS', 'RENAMED', 'uniform_capacities', 'zipf_capacities', 'topk_mask', 'feature_choice_mask',
+           'mutual_choice_mask', 'Allocation', 'csr_offsets', 'topk_allocation', 'mutual_choice_allocation',
+           'feature_choice_allocation', 'check_kind', 'allocate']
 
 # %% ../nbs/01_allocation.ipynb #395f3fa3
 def uniform_capacities(n_features: int, budget: int) -> Tensor:
@@ -93,12 +94,17 @@ def zipf_capacities(
     return caps
 
 # %% ../nbs/01_allocation.ipynb #142c053d
-def _check_affinities(z: Tensor) -> None:
-    "Raise ValueError unless z is a 2-D floating tensor of finite values."
+def _check_shape(z: Tensor) -> None:
+    "Raise ValueError unless z is a 2-D floating tensor."
     if z.dim() != 2:
         raise ValueError(f"affinities z must be 2-D [tokens, features], got shape {tuple(z.shape)}")
     if not z.is_floating_point():
         raise ValueError(f"affinities z must be a floating tensor, got {z.dtype}")
+
+
+def _check_affinities(z: Tensor) -> None:
+    "Raise ValueError unless z is a 2-D floating tensor of finite values."
+    _check_shape(z)
     if not torch.isfinite(z).all():
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
 
@@ -185,10 +191,10 @@ class Allocation(NamedTuple):
     def from_mask(cls, mask: Tensor) -> "Allocation":
         "Sparse allocation of a boolean mask [B, F]."
         token, feature = mask.nonzero(as_tuple=True)  # [nnz], row-major
-        return cls(token, feature, _offsets(token, mask.shape[0]), mask.shape[1])
+        return cls(token, feature, csr_offsets(token, mask.shape[0]), mask.shape[1])
 
 
-def _offsets(keys: Tensor, n: int) -> Tensor:
+def csr_offsets(keys: Tensor, n: int) -> Tensor:
     "CSR row pointer of sorted integer keys in [0, n): entry i counts the keys below i (long [n+1])."
     return torch.searchsorted(keys, torch.arange(n + 1, dtype=keys.dtype, device=keys.device))  # no host sync, unlike bincount
 
@@ -197,21 +203,13 @@ def _from_flat(flat: Tensor, n_tokens: int, n_features: int) -> Allocation:
     "Allocation from ascending flat indices t·F + f."
     token = torch.div(flat, n_features, rounding_mode="floor")  # [nnz]
     feature = flat - token * n_features  # [nnz]
-    return Allocation(token, feature, _offsets(token, n_tokens), n_features)
+    return Allocation(token, feature, csr_offsets(token, n_tokens), n_features)
 
 # %% ../nbs/01_allocation.ipynb #d13a1380
 def _check_finite(values: Tensor) -> None:
     "Raise ValueError if any of the inspected affinities is NaN or inf."
     if not torch.isfinite(values).all():
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
-
-
-def _check_shape(z: Tensor) -> None:
-    "Raise ValueError unless z is a 2-D floating tensor."
-    if z.dim() != 2:
-        raise ValueError(f"affinities z must be 2-D [tokens, features], got shape {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise ValueError(f"affinities z must be a floating tensor, got {z.dtype}")
 
 
 def _empty(n_tokens: int, n_features: int, device: torch.device) -> Allocation:
@@ -438,7 +436,16 @@ def feature_choice_allocation(z: Tensor, capacities: Tensor) -> Allocation:
     return _from_flat(flat[_keep_largest_per_feature(values, flat % F, capacities)], B, F)
 
 # %% ../nbs/01_allocation.ipynb #2897d998
-ALLOCATION_KINDS = ("topk", "feature_choice", "mutual_choice", "batchtopk")
+ALLOCATION_KINDS = ("topk", "feature_choice", "mutual_choice")
+RENAMED = {"tk": "topk", "fc": "feature_choice", "mc": "mutual_choice", "batchtopk": "mutual_choice"}  # old name -> kind
+
+
+def check_kind(kind: str, what: str = "allocation kind") -> str:
+    "Return kind if it is one of ALLOCATION_KINDS, else raise a ValueError that names the right one."
+    if kind in ALLOCATION_KINDS:
+        return kind
+    hint = f" (use {RENAMED[kind]!r}: {kind!r} is an old name)" if kind in RENAMED else ""
+    raise ValueError(f"unknown {what} {kind!r}{hint}; expected one of {ALLOCATION_KINDS}")
 
 
 def allocate(
@@ -450,8 +457,7 @@ def allocate(
     capacities: Tensor | None = None,
 ) -> Allocation:
     "Exact allocation of affinities z [B, F] by scheme `kind` (one of ALLOCATION_KINDS)."
-    if kind not in ALLOCATION_KINDS:
-        raise ValueError(f"unknown allocation kind {kind!r}; expected one of {ALLOCATION_KINDS}")
+    check_kind(kind)
     if kind == "topk":
         if k is None:
             raise ValueError("topk allocation needs k")

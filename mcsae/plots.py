@@ -19,7 +19,7 @@ plt = require("matplotlib.pyplot", "reproduce")
 __all__ = ['plt', 'COLORS', 'color', 'use_style', 'mean_std', 'pm', 'load_json', 'describe_source', 'save_figure', 'write_notes']
 
 # %% ../nbs/10_plots.ipynb #fdbf3b8f
-COLORS = {"topk": "#1f77b4", "fc_zipf": "#ff7f0e", "fc_uniform": "#2ca02c", "mc": "#d62728"}  # same in every figure
+COLORS = {"topk": "#1f77b4", "feature_choice-zipf": "#ff7f0e", "feature_choice-uniform": "#2ca02c", "mutual_choice": "#d62728"}
 
 
 def color(variant: str) -> str:

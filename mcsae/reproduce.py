@@ -9,7 +9,6 @@ import csv
 import json
 import math
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,26 +18,17 @@ import torch
 
 import mcsae
 from .evaluate import adaptive_computation, downstream_losses, reconstruction_metrics, save_results, training_statistics
-from .io import atomic_write
+from .io import atomic_write, require
 from .models import ActivationConfig, load_model
-from .sae import SAE
+from .sae import SAE, VARIANTS
 from .store import build_cache, open_cache
 from .train import CacheSource, TrainConfig, read_metrics, train
 
 # %% auto #0
-__all__ = ['VARIANTS', 'PRESETS', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'Preset', 'get_preset', 'provenance', 'modes_of',
-           'run_sweep', 'pilot_zipf_exponent', 'read_runs', 'step_times', 'run_timing', 'notebooks_dir', 'run_notebook',
-           'reproduce', 'write_index']
+__all__ = ['PRESETS', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'Preset', 'get_preset', 'provenance', 'modes_of', 'run_sweep',
+           'pilot_zipf_exponent', 'read_runs', 'notebooks_dir', 'run_notebook', 'reproduce', 'write_index']
 
 # %% ../nbs/11_reproduce.ipynb #59940d70
-VARIANTS = {  # name -> (TrainConfig fields, label in figures)
-    "topk": (dict(kind="topk"), "TopK"),
-    "fc_zipf": (dict(kind="feature_choice", capacities="zipf"), "FC (Zipf)"),
-    "fc_uniform": (dict(kind="feature_choice", capacities="uniform"), "FC (uniform)"),
-    "mc": (dict(kind="mutual_choice"), "MC (BatchTopK)"),
-}
-
-
 @dataclass
 class Preset:
     "Model, data and sweep of one reproduction."
@@ -56,7 +46,7 @@ class Preset:
     n_features: int = 2048
     ks: tuple = (16, 32, 64)
     main_k: int = 32
-    variants: tuple = ("topk", "fc_zipf", "fc_uniform", "mc")
+    variants: tuple = tuple(VARIANTS)
     aux: tuple = ("aux_k", "aux_zipf")  # auxiliary losses tried at main_k
     seeds: tuple = (0, 1, 2)
     dead_tokens: int = 100_000
@@ -273,45 +263,6 @@ def read_runs(results_dir: str | Path) -> list[dict]:
                 r[k] = float(v) if v not in ("", "None") else math.nan
     return rows
 
-# %% ../nbs/11_reproduce.ipynb #e005a53c
-def step_times(d_in: int, n_features: int, k: int, batch_size: int, variants=tuple(VARIANTS), steps: int = 10,
-               device: str = "cpu", seed: int = 0) -> dict:
-    "Median training-step time (ms) of each variant on random activations, interleaved."
-    from mcsae.train import Trainer
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, d_in, generator=gen).to(device)
-    trainers = {}
-    for v in variants:
-        cfg = TrainConfig(**VARIANTS[v][0], n_features=n_features, k=k, batch_size=batch_size,
-                          n_tokens=batch_size * (steps + 2), seed=seed, name=v)
-        trainers[v] = Trainer(cfg, d_in, out_dir="/nonexistent", device=device)
-        trainers[v].initialize(x)
-        trainers[v].step(x)  # warm-up
-    times = {v: [] for v in variants}
-    for _ in range(steps):
-        for v, t in trainers.items():
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            t.step(x)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            times[v].append((time.perf_counter() - t0) * 1e3)
-    base = statistics.median(times[variants[0]])
-    return {v: {"label": VARIANTS[v][1], "median_ms": statistics.median(ts), "ratio_to_first": statistics.median(ts) / base,
-                "all_ms": ts} for v, ts in times.items()}
-
-
-def run_timing(preset: Preset, results_dir: str | Path, d_in: int | None = None) -> Path:
-    "Write timing.json: step time of each variant relative to TopK at the preset's size."
-    d_in = d_in or {"smollm2-135m": 576, "gpt2": 768}.get(preset.model, 768)
-    res = {"size": {"d_in": d_in, "n_features": preset.n_features, "k": preset.main_k, "batch_size": preset.batch_size},
-           "device": preset.device, "threads": torch.get_num_threads(), "steps": preset.timing_steps,
-           "variants": step_times(d_in, preset.n_features, preset.main_k, preset.batch_size, preset.variants,
-                                  preset.timing_steps, preset.device)}
-    return save_results(res, Path(results_dir) / "timing.json")
-
 # %% ../nbs/11_reproduce.ipynb #d1dda725
 EXPERIMENTS = ("sweep", "timing")  # write results_dir (expensive)
 FIGURES = ("fig1_allocation", "fig2_zipf", "fig3_reconstruction", "fig4_adaptive", "fig5_training_curves",
@@ -325,7 +276,7 @@ def notebooks_dir() -> Path:
 
 def run_notebook(name: str, parameters: dict, nb_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     "Execute nb_dir/name.ipynb with papermill; the executed copy goes to out_dir."
-    import papermill as pm
+    pm = require("papermill", "reproduce")
 
     src = Path(nb_dir) / f"{name}.ipynb"
     if not src.exists():

@@ -5,6 +5,7 @@
 # %% ../nbs/02_sae.ipynb #6444b282
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -16,16 +17,23 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .allocation import Allocation, _offsets, allocate, uniform_capacities, zipf_capacities
+from .allocation import ALLOCATION_KINDS, Allocation, csr_offsets, allocate, check_kind, uniform_capacities, zipf_capacities
 from .io import atomic_write, read_safetensors
 
 # %% auto #0
-__all__ = ['KINDS', 'CHECKPOINT_FORMAT', 'SAEConfig', 'FeatureOrder', 'by_feature', 'SparseCodes', 'SAEOutput', 'SparseEncode',
-           'SparseDecode', 'SAE', 'geometric_median', 'dense_reference']
+__all__ = ['KINDS', 'VARIANTS', 'PRIVATE_OP', 'CHECKPOINT_FORMAT', 'SAEConfig', 'variant_id', 'FeatureOrder', 'by_feature',
+           'SparseCodes', 'SAEOutput', 'SparseEncode', 'pair_dots_reference', 'private_op_works', 'pair_dots',
+           'SparseDecode', 'ema_update_', 'mc_batch_threshold', 'fc_batch_thresholds', 'ranks_by_demand', 'SAE',
+           'geometric_median', 'dense_reference']
 
 # %% ../nbs/02_sae.ipynb #bbcaf23f
-KINDS = ("topk", "feature_choice", "mutual_choice")
-_ALIASES = {"tk": "topk", "fc": "feature_choice", "mc": "mutual_choice", "batchtopk": "mutual_choice"}
+KINDS = ALLOCATION_KINDS  # "topk" | "feature_choice" | "mutual_choice": an SAE is named by its allocation rule
+VARIANTS = {  # variant id -> (SAEConfig fields, display label): the names used in run names, results, figures and tables
+    "topk": (dict(kind="topk"), "TopK"),
+    "feature_choice-zipf": (dict(kind="feature_choice", capacities="zipf"), "FC (Zipf)"),
+    "feature_choice-uniform": (dict(kind="feature_choice", capacities="uniform"), "FC (uniform)"),
+    "mutual_choice": (dict(kind="mutual_choice"), "MC"),
+}
 
 
 @dataclass
@@ -42,9 +50,7 @@ class SAEConfig:
     threshold_decay: float = 0.95  # decay of the inference-threshold EMA: ~20 recent batches, so early training fades
 
     def __post_init__(self):
-        self.kind = _ALIASES.get(self.kind, self.kind)
-        if self.kind not in KINDS:
-            raise ValueError(f"SAEConfig.kind must be one of {KINDS} (or an alias in {sorted(_ALIASES)}), got {self.kind!r}")
+        check_kind(self.kind, "SAEConfig.kind")
         if self.capacities not in ("zipf", "uniform"):
             raise ValueError(f"SAEConfig.capacities must be 'zipf' or 'uniform', got {self.capacities!r}")
         if self.d_in < 1 or self.n_features < 1:
@@ -63,6 +69,11 @@ class SAEConfig:
             raise ValueError(f"unknown SAEConfig fields: {sorted(unknown)}")
         return cls(**d)
 
+
+def variant_id(cfg: SAEConfig) -> str:
+    "The variant id of a config: 'topk', 'feature_choice-zipf', 'feature_choice-uniform' or 'mutual_choice'."
+    return f"{cfg.kind}-{cfg.capacities}" if cfg.kind == "feature_choice" else cfg.kind
+
 # %% ../nbs/02_sae.ipynb #c5c2ee35
 class FeatureOrder(NamedTuple):
     "The selected pairs re-sorted by feature: a CSR-by-feature view of an allocation."
@@ -74,7 +85,7 @@ class FeatureOrder(NamedTuple):
 def by_feature(alloc: Allocation) -> FeatureOrder:
     "Sort the pairs of alloc by feature (stable: tokens ascending within a feature)."
     feature, perm = torch.sort(alloc.feature.int(), stable=True)  # [nnz]; int32 keys sort ~2x faster than int64 on CPU
-    return FeatureOrder(perm, alloc.token[perm], _offsets(feature, alloc.n_features))
+    return FeatureOrder(perm, alloc.token[perm], csr_offsets(feature, alloc.n_features))
 
 
 class SparseCodes(NamedTuple):
@@ -145,10 +156,39 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None, None
 
 # %% ../nbs/02_sae.ipynb #599ddd8b
-def _pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
-    "<grad_out[token_i], table[feature_i]> for every pair i: the gradient of _bag's weights, [nnz]."
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad_out, table, alloc.feature, alloc.offsets[:-1], alloc.token, 0, -1)  # mode 0 = sum, no padding index
+PRIVATE_OP = "_embedding_bag_per_sample_weights_backward"  # the fast path's aten op (private: may change or vanish)
+
+
+def pair_dots_reference(grad_out: Tensor, table: Tensor, alloc: Allocation, chunk: int = 2**16) -> Tensor:
+    "<grad_out[token_i], table[feature_i]> for every pair i with public ops only (chunks of pairs bound the memory), [nnz]."
+    dots = [torch.linalg.vecdot(grad_out[alloc.token[s:s + chunk]], table[alloc.feature[s:s + chunk]])  # [chunk]
+            for s in range(0, alloc.token.numel(), chunk)]
+    return torch.cat(dots) if dots else grad_out.new_zeros(0)
+
+
+def _private_pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
+    "The same dot products from PyTorch's private kernel for the gradient of embedding_bag's weights, [nnz]."
+    op = getattr(torch.ops.aten, PRIVATE_OP)
+    return op(grad_out, table, alloc.feature, alloc.offsets[:-1], alloc.token, 0, -1)  # mode 0 = sum, no padding index
+
+
+@functools.cache
+def private_op_works() -> bool:
+    "Whether the private op exists, takes these arguments and agrees with the reference (checked once, on a tiny case)."
+    alloc = Allocation.from_mask(torch.tensor([[True, False, True], [False, True, True]]))
+    grad_out, table = torch.arange(8.0).reshape(2, 4), torch.arange(12.0).reshape(3, 4) - 5
+    try:
+        fast = _private_pair_dots(grad_out, table, alloc)
+    except (AttributeError, TypeError, RuntimeError):  # missing op, or a changed signature
+        return False
+    return torch.equal(fast, pair_dots_reference(grad_out, table, alloc))
+
+
+def pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
+    "<grad_out[token_i], table[feature_i]> for every pair i: the gradient of _bag's weights, [nnz] (private fast path if it works)."
+    if private_op_works():
+        return _private_pair_dots(grad_out, table, alloc)
+    return pair_dots_reference(grad_out, table, alloc)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -166,9 +206,38 @@ class SparseDecode(torch.autograd.Function):
         values, W_dec = ctx.saved_tensors
         a, o = ctx.alloc, ctx.order
         grad_out = grad_out.to(W_dec.dtype).contiguous()  # [B, d]
-        grad_v = _pair_dots(grad_out, W_dec, a) if ctx.needs_input_grad[0] else None  # [nnz]
+        grad_v = pair_dots(grad_out, W_dec, a) if ctx.needs_input_grad[0] else None  # [nnz]
         grad_W = _feature_sums(o, grad_out, values[o.perm]) if ctx.needs_input_grad[1] else None  # [F, d]
         return grad_v, grad_W, None, None
+
+# %% ../nbs/02_sae.ipynb #1c15b762
+def ema_update_(ema: Tensor, value: Tensor, decay: Tensor) -> Tensor:
+    "In place: ema <- decay * ema + (1 - decay) * value (value [F] or a 0-d tensor)."
+    return ema.mul_(decay).add_((1 - decay) * value)
+
+# %% ../nbs/02_sae.ipynb #e1e89385
+def mc_batch_threshold(aff: Tensor, vals: Tensor) -> Tensor:
+    "Mutual Choice's threshold of a batch: the smallest selected value of vals [nnz] (else the largest of aff [B, F]), 0-d."
+    return vals.min() if vals.numel() else aff.max()
+
+
+def fc_batch_thresholds(aff: Tensor, alloc: Allocation, vals: Tensor, caps: Tensor) -> Tensor:
+    "Feature Choice's thresholds of a batch: per feature the caps[i]-th largest affinity of its column, [F]."
+    theta = torch.full(caps.shape, math.inf, dtype=vals.dtype, device=vals.device).scatter_reduce(0, alloc.feature, vals, "amin")
+    n_sel = torch.bincount(alloc.feature, minlength=caps.numel())  # [F]
+    theta = torch.where(n_sel < caps, torch.zeros_like(theta), theta)  # column ran out of positives
+    off = caps == 0
+    if off.any():
+        theta[off] = aff[:, off].max(0).values.to(theta.dtype)  # m_i = 0: stay off
+    return theta
+
+# %% ../nbs/02_sae.ipynb #e88178d5
+def ranks_by_demand(demand: Tensor) -> Tensor:
+    "Rank of each feature by demand [F], densest first: rank 1 .. F, long [F]."
+    order = torch.argsort(demand, descending=True, stable=True)  # densest first
+    ranks = torch.empty(demand.shape, dtype=torch.long, device=demand.device)
+    ranks[order] = torch.arange(1, demand.numel() + 1, device=demand.device)
+    return ranks
 
 # %% ../nbs/02_sae.ipynb #1e86a41c
 class SAE(nn.Module):
@@ -265,7 +334,7 @@ class SAE(nn.Module):
             self.update_statistics(aff, codes)
         return SAEOutput(self.decode(codes), codes, aff)
 
-    # ---- what training tracks -----------------------------------------------------------------
+    # ---- what training tracks (the functions above) ---------------------------------------
     @torch.no_grad()
     def update_statistics(self, aff: Tensor, codes: SparseCodes) -> None:
         "Update the inference thresholds and (FC) the demand EMA and ranks after a training batch."
@@ -273,29 +342,13 @@ class SAE(nn.Module):
         beta, gamma = later * cfg.ema_decay, later * cfg.threshold_decay  # float64, like the Python floats they stand for
         vals = codes.values.detach().to(self.thresholds.dtype)  # [nnz] (bf16 under autocast)
         if cfg.kind == "mutual_choice":
-            batch_theta = vals.min() if vals.numel() else aff.max()
-            self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
+            ema_update_(self.thresholds, mc_batch_threshold(aff, vals), gamma)
         elif cfg.kind == "feature_choice":
-            batch_theta = self._fc_batch_thresholds(aff, codes.alloc, vals)
-            self.thresholds.mul_(gamma).add_((1 - gamma) * batch_theta)
-            self.demand.mul_(beta).add_((1 - beta) * (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype))  # column sums [F]
+            ema_update_(self.thresholds, fc_batch_thresholds(aff, codes.alloc, vals, self.capacities(aff.shape[0])), gamma)
+            ema_update_(self.demand, (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype), beta)  # column sums [F]
             if int(self.step) % cfg.rank_every == 0:
-                order = torch.argsort(self.demand, descending=True, stable=True)  # densest first
-                ranks = torch.empty_like(self.ranks)
-                ranks[order] = torch.arange(1, cfg.n_features + 1, device=ranks.device)
-                self.ranks.copy_(ranks)
+                self.ranks.copy_(ranks_by_demand(self.demand))
         self.step += 1
-
-    def _fc_batch_thresholds(self, aff: Tensor, alloc: Allocation, vals: Tensor) -> Tensor:
-        "Per-feature m_i-th largest affinity of this batch, [F]."
-        caps = self.capacities(aff.shape[0])  # [F]
-        theta = torch.full_like(self.thresholds, math.inf).scatter_reduce(0, alloc.feature, vals, "amin")
-        n_sel = torch.bincount(alloc.feature, minlength=self.cfg.n_features)  # [F]
-        theta = torch.where(n_sel < caps, torch.zeros_like(theta), theta)  # column ran out of positives
-        off = caps == 0
-        if off.any():
-            theta[off] = aff[:, off].max(0).values.to(theta.dtype)  # m_i = 0: stay off
-        return theta
 
     # ---- decoder geometry --------------------------------------------------------------------
     @torch.no_grad()

@@ -62,7 +62,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.aux must be one of {AUX_LOSSES}, got {self.aux!r}")
         if self.batch_size < 1 or self.n_tokens < self.batch_size:
             raise ValueError(f"need batch_size >= 1 and n_tokens >= batch_size, got {self.batch_size}, {self.n_tokens}")
-        self.kind = self.sae_config(1).kind  # validates kind, k, capacities; resolves aliases ("mc" -> "mutual_choice")
+        self.kind = self.sae_config(1).kind  # validates kind, k and capacities
         if not self.name:
             cap = f"-{self.capacities}" if self.kind == "feature_choice" else ""
             self.name = f"{self.kind}{cap}-{self.aux}-k{self.k}-F{self.n_features}-s{self.seed}"

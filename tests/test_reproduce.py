@@ -33,7 +33,7 @@ def test_results_cover_the_sweep(smoke):
     for r in rows:
         assert 0 < float(r["nmse"]) < 1.5 and math.isfinite(float(r["loss_recovered"]))
     # FC has no dead features by construction
-    fc = [r for r in rows if r["variant"].startswith("fc") and r["mode"] == "batch"]
+    fc = [r for r in rows if r["variant"].startswith("feature_choice") and r["mode"] == "batch"]
     assert all(float(r["dead_frac_train"]) == 0 for r in fc)
     prov = json.loads((figures / "data" / "provenance.json").read_text())
     assert prov["activations"]["model"] == "smollm2-135m" and prov["preset"]["name"] == "smoke"

@@ -99,7 +99,8 @@ def test_training_forward_under_bf16_autocast(kind):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
 
 
-@pytest.mark.parametrize("bad", [dict(k=96), dict(k=200), dict(k=0), dict(kind="nope"), dict(capacities="exp")])
+@pytest.mark.parametrize("bad", [dict(k=96), dict(k=200), dict(k=0), dict(kind="nope"), dict(kind="fc"), dict(kind="batchtopk"),
+                                 dict(capacities="exp")])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         SAEConfig(**{**dict(d_in=20, n_features=96, k=5), **bad})
@@ -221,3 +222,69 @@ def test_check_input_catches_nan_and_inf_anywhere():
             sae(x)
     big = torch.full((16, 20), 3e38)  # finite, but its float32 sum would overflow
     sae.check_input(big)
+
+
+def test_variant_ids_and_labels():
+    from mcsae.sae import VARIANTS, variant_id
+    assert list(VARIANTS) == ["topk", "feature_choice-zipf", "feature_choice-uniform", "mutual_choice"]
+    assert [label for _, label in VARIANTS.values()] == ["TopK", "FC (Zipf)", "FC (uniform)", "MC"]
+    for vid, (fields, _) in VARIANTS.items():
+        assert variant_id(SAEConfig(d_in=8, n_features=32, k=4, **fields)) == vid
+    with pytest.raises(ValueError, match="use 'mutual_choice'"):
+        SAEConfig(d_in=8, n_features=32, k=4, kind="mc")
+
+
+def test_pair_dots_private_op_equals_public_reference():
+    "The fast path (private aten op) and the public fallback give the same dot products, also in float64 and bf16."
+    from mcsae.allocation import allocate
+    from mcsae.sae import _private_pair_dots, pair_dots, pair_dots_reference, private_op_works
+    assert private_op_works(), "the private op is missing or changed on this torch: the fallback is in use"
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        z = torch.randn(64, 96, generator=gen).relu()
+        for kind in ("topk", "mutual_choice", "feature_choice"):
+            alloc = allocate(z, kind, k=6)
+            g, w = torch.randn(64, 24, generator=gen, dtype=dtype), torch.randn(96, 24, generator=gen, dtype=dtype)
+            torch.testing.assert_close(_private_pair_dots(g, w, alloc), pair_dots_reference(g, w, alloc))
+            torch.testing.assert_close(pair_dots_reference(g, w, alloc, chunk=5), pair_dots_reference(g, w, alloc))
+            torch.testing.assert_close(pair_dots(g, w, alloc), pair_dots_reference(g, w, alloc))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fallback_is_chosen_when_the_private_op_is_missing_and_gives_the_same_gradients(kind, monkeypatch):
+    import mcsae.sae as m
+    x = torch.randn(48, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        torch.manual_seed(0)
+        sae = _sae(kind)
+        out = sae(x)
+        loss = (out.x_hat - x).pow(2).sum()
+        return [g.clone() for g in torch.autograd.grad(loss, list(sae.parameters()))]
+
+    fast = grads()
+    m.private_op_works.cache_clear()
+    monkeypatch.setattr(m, "PRIVATE_OP", "no_such_op_in_this_torch")
+    try:
+        assert not m.private_op_works()
+        slow = grads()
+    finally:
+        m.private_op_works.cache_clear()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_fallback_is_chosen_when_the_private_op_changes_signature(monkeypatch):
+    import mcsae.sae as m
+
+    def changed(*args):
+        raise RuntimeError("aten::_embedding_bag_per_sample_weights_backward() Expected at most 6 argument(s) but received 7")
+
+    m.private_op_works.cache_clear()
+    monkeypatch.setattr(m.torch.ops.aten, m.PRIVATE_OP, changed, raising=False)
+    try:
+        assert not m.private_op_works()
+    finally:
+        monkeypatch.undo()
+        m.private_op_works.cache_clear()
+    assert m.private_op_works()
