@@ -106,6 +106,7 @@ def convert_embedded_model(name: str = "smollm2-135m", cache_dir: str | None = N
     if (final / "config.json").exists() and not force:
         return final
     require("transformers", "lm")
+    require("gguf", "lm")  # transformers reads GGUF files with it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = asset_files(name, EMBEDDED_MODELS[name])[0]
