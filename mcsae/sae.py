@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .allocation import ALLOCATION_KINDS, Allocation, csr_offsets, allocate, check_kind, uniform_capacities, zipf_capacities
+from .allocation import ALLOCATION_KINDS, Allocation, allocate, check_kind, csr_offsets, uniform_capacities, zipf_capacities
 from .io import atomic_write, read_safetensors
 
 # %% auto #0
