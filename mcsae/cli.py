@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
-import typing
+import shlex
+import sys
 from pathlib import Path
 
 from .evaluate import evaluate_run
-from .models import ActivationConfig
+from .io import UserError, writable_dir
+from .models import ActivationConfig, resolve_device
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
-from .store import build_cache, open_cache
+from .store import build_cache, hook_label, open_cache
 from .train import CacheSource, TrainConfig, train
 
 # %% auto #0
@@ -37,26 +40,33 @@ def _parse_value(text: str, allow_none: bool = False):
     return text
 
 
+def _parse_bool(text: str) -> bool | str:
+    "true/yes/1 and false/no/0 (any case); anything else is passed on for the config to refuse by name."
+    low = text.strip().lower()
+    if low in ("true", "yes", "1"):
+        return True
+    if low in ("false", "no", "0"):
+        return False
+    return text
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    "Add one --option per field of the dataclass cls (default: the field's default)."
+    "Add one --option per field of the dataclass cls; an option not given stays unset (the field's default applies)."
     group = parser.add_argument_group(cls.__name__)
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        kind = hints.get(f.name)
-        if kind is bool:
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes"),
-                               default=default, metavar="BOOL", help=f"(default {default})")
+        if isinstance(default, bool):
+            parse = _parse_bool
         else:
-            allow_none = default is None
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default, help=f"(default {default})",
-                               type=lambda s, allow_none=allow_none: _parse_value(s, allow_none))
+            parse = lambda s, allow_none=default is None: _parse_value(s, allow_none)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=argparse.SUPPRESS,
+                           metavar="BOOL" if isinstance(default, bool) else None, help=f"(default {default})")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
-    "Build cls from the parsed options that belong to it."
+    "Build cls from the options given that belong to it (the others keep the dataclass's defaults)."
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kw, **overrides})
 
@@ -64,32 +74,66 @@ def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
 def cmd_cache(args) -> None:
     "Build an activation cache."
     acfg = dataclass_from_args(ActivationConfig, args)
+    resolve_device(acfg.device)
     path = build_cache(acfg, args.out, eval_fraction=args.eval_fraction, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in open_cache(path).manifest.items() if k not in ("shards", "config")}, indent=1))
+
+
+_CACHE_FIELDS = ("model", "hook", "corpus", "corpus_config", "split", "text_column", "context_length", "dtype")
+
+
+def _check_cache_options(cache, args) -> None:
+    "Refuse options given with --cache that contradict how the cache was built."
+    built = cache.manifest.get("config", {})
+    for name in _CACHE_FIELDS:
+        if not hasattr(args, name) or name not in built:
+            continue
+        given, have = getattr(args, name), built[name]
+        if name == "hook":
+            given, have = hook_label(given), hook_label(have)
+        if given != have:
+            option = "--" + name.replace("_", "-")
+            raise UserError(f"the cache {cache.path} was built with {name}={have!r}, but {option} {given!r} was given: "
+                            f"drop {option}, or build a cache for it with `mcsae cache`")
+
+
+def _training_cache(args, acfg: ActivationConfig, out: Path):
+    "The cache to train on: --cache (checked against the options given), else OUT/activations (built if missing)."
+    if args.cache:
+        cache = open_cache(args.cache)
+        _check_cache_options(cache, args)
+        return cache
+    path = out / "activations"
+    if not path.exists():
+        return open_cache(build_cache(acfg, path, eval_fraction=args.eval_fraction))
+    try:
+        return open_cache(path, expect=acfg)
+    except UserError as e:
+        raise UserError(f"{e}; it was built by an earlier `mcsae train --out {out}`: pass --cache {path} to train on it "
+                        f"as it is, or choose another --out") from None
 
 
 def cmd_train(args) -> None:
     "Train one SAE per --kind on one stream of activations."
     acfg = dataclass_from_args(ActivationConfig, args)
-    cache_path = Path(args.cache) if args.cache else Path(args.out) / "activations"
-    if not (cache_path / "manifest.json").exists():
-        if args.cache:
-            raise SystemExit(f"mcsae train: no activation cache at {cache_path} (build one with `mcsae cache --out {cache_path}`)")
-        build_cache(acfg, cache_path, eval_fraction=args.eval_fraction)
-    cache = open_cache(cache_path)
-    kinds = [k.strip() for k in str(args.kind).split(",") if k.strip()]
-    cfgs = [dataclass_from_args(TrainConfig, args, kind=k, name="" if len(kinds) > 1 or not args.name else args.name) for k in kinds]
-    paths = train(cfgs, CacheSource(cache), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    kinds = [k.strip() for k in str(getattr(args, "kind", "topk")).split(",") if k.strip()]
+    name = getattr(args, "name", "")
+    cfgs = [dataclass_from_args(TrainConfig, args, kind=k, name="" if len(kinds) > 1 else name) for k in kinds]
+    device = resolve_device(acfg.device)
+    out = writable_dir(args.out)  # all of this before any work
+    cache = _training_cache(args, acfg, out)
+    paths = train(cfgs, CacheSource(cache), out, resume=args.resume, overwrite=args.overwrite, device=device)
     for path in paths:
         print(path)
 
 
 def cmd_evaluate(args) -> None:
     "Evaluate trained runs on a cache's held-out split; write eval.json next to each checkpoint."
+    device = resolve_device(args.device)
     cache = open_cache(args.cache)
     for run in args.runs:
         res = evaluate_run(run, cache, eval_tokens=args.eval_tokens, downstream_contexts=args.downstream_contexts,
-                           device=args.device)
+                           device=device)
         summary = {m: {k: round(r[k], 4) for k in ("nmse", "explained_variance", "l0_mean", "dead_frac_eval")}
                    for m, r in res["modes"].items()}
         if "downstream" in res:
@@ -106,16 +150,23 @@ def cmd_reproduce(args) -> None:
     print(f"wrote {index}")
 
 
+class _Parser(argparse.ArgumentParser):
+    "argparse, with its errors in mcsae's one-line form."
+
+    def error(self, message: str):
+        self.exit(2, f"mcsae: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The mcsae argument parser."
-    parser = argparse.ArgumentParser(prog="mcsae", description="Adaptive sparse allocation SAEs: TopK, Feature Choice, Mutual Choice.")
+    parser = _Parser(prog="mcsae", description="Adaptive sparse allocation SAEs: TopK, Feature Choice, Mutual Choice.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("cache", help="extract activations into an on-disk cache")
     add_dataclass_options(c, ActivationConfig)
     c.add_argument("--out", required=True, help="cache directory to create")
-    c.add_argument("--eval-fraction", type=float, default=0.05, help="share of contexts held out for evaluation")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--eval-fraction", type=float, default=0.05, help="share of contexts held out for evaluation, in [0, 1)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing activation cache (nothing else) at --out")
     c.set_defaults(func=cmd_cache)
 
     t = sub.add_parser("train", help="train SAEs (several kinds share one activation stream)")
@@ -123,16 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(t, TrainConfig)
     t.add_argument("--out", required=True, help="folder for the run folders")
     t.add_argument("--cache", help="activation cache to train on (default: build OUT/activations)")
-    t.add_argument("--eval-fraction", type=float, default=0.05)
-    t.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    t.add_argument("--overwrite", action="store_true", help="replace existing runs of the same names")
+    t.add_argument("--eval-fraction", type=float, default=0.05, help="share of contexts held out when building OUT/activations")
+    t.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints (finished runs are left as they are)")
+    t.add_argument("--overwrite", action="store_true", help="replace existing runs of the same names, whole, once the new ones are complete")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate trained SAEs; writes eval.json next to each")
     e.add_argument("runs", nargs="+", help="run folders (holding sae.safetensors)")
-    e.add_argument("--cache", required=True, help="activation cache whose held-out split to use")
-    e.add_argument("--eval-tokens", type=int, default=65_536)
-    e.add_argument("--downstream-contexts", type=int, default=32, help="0 to skip the spliced-model loss")
+    e.add_argument("--cache", required=True, help="activation cache (of the SAEs' model and hook) whose held-out split to use")
+    e.add_argument("--eval-tokens", type=int, default=65_536, help="held-out activations to evaluate on (>= 1)")
+    e.add_argument("--downstream-contexts", type=int, default=32, help="held-out contexts for the spliced-model loss (0: skip it)")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
 
@@ -147,10 +198,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    "A message on one line."
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _os_error(e: OSError) -> str:
+    "What an operating-system error means for the user."
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}: free some space and run the command again"
+    return f"{e.strerror or e}{where}: check the path and its permissions"
+
+
+def _interrupted(e: KeyboardInterrupt, args, argv: list[str]) -> str:
+    "Where an interrupted command stands and how to go on."
+    where = str(e) or "stopped"
+    if args.command != "train":
+        return f"{where}; nothing half-written was left under a real name: run the command again"
+    if args.overwrite:
+        return f"{where}; to start over, run the same command again"
+    command = ["mcsae", *argv] + ([] if args.resume else ["--resume"])
+    return f"{where}; resume with: {shlex.join(command)}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    "Entry point of the `mcsae` command."
+    "Entry point of the `mcsae` command: one-line errors (exit 2), Ctrl-C says how to resume (exit 130)."
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"mcsae {args.command}: {e}") from None
+    except UserError as e:
+        message = f"mcsae: error: {_one_line(e)}"
+    except OSError as e:
+        message = f"mcsae: error: {_one_line(_os_error(e))}"
+    except KeyboardInterrupt as e:
+        print(f"\nmcsae: interrupted: {_one_line(_interrupted(e, args, argv))}", file=sys.stderr)
+        raise SystemExit(130) from None
+    else:
+        return
+    print(message, file=sys.stderr)
+    raise SystemExit(2)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .io import require
+from .io import UserError, require
 from .models import ActivationConfig, asset_files, is_pathlike
 
 # %% auto #0
@@ -57,22 +57,41 @@ def kjv_documents() -> list[str]:
     return [f"{book} {ch}\n\n" + " ".join(verses) for (book, ch), verses in chapters.items()]
 
 # %% ../nbs/05_corpora.ipynb #fceaddde
+def _unicode_error(error: BaseException) -> UnicodeDecodeError | None:
+    "The UnicodeDecodeError behind an exception (datasets wraps it), if any."
+    while error is not None:
+        if isinstance(error, UnicodeDecodeError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _local_dataset(path: Path, text_column: str) -> Any:
     "Load local .txt/.jsonl/.json files (a file or a directory of them) with `datasets`."
     require("datasets", "lm")
     from datasets import load_dataset
 
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json")) if path.is_dir() else [path]
+    files = [path]
+    if path.is_dir():  # hidden files and folders (such as temporaries of killed writes) are not part of a corpus
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json")
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise ValueError(f"corpus directory {str(path)!r} holds no .txt/.jsonl/.json files")
+        raise UserError(f"corpus directory {str(path)!r} holds no .txt/.jsonl/.json files")
     kinds = {"text" if f.suffix == ".txt" else "json" for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"corpus {str(path)!r} mixes .txt and .json(l) files: pass one kind")
+        raise UserError(f"corpus {str(path)!r} mixes .txt and .json(l) files: pass one kind")
     kind = kinds.pop()
     extra = {"sample_by": "document"} if kind == "text" else {}
-    ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", **extra)
+    try:
+        ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", **extra)
+    except Exception as e:
+        bad = _unicode_error(e)
+        if bad is None:
+            raise
+        raise UserError(f"corpus {str(path)!r} is not UTF-8 text ({bad.reason} at byte {bad.start}): convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8") from None
     if kind == "json" and text_column not in ds.column_names:
-        raise ValueError(f"corpus {str(path)!r} has no column {text_column!r} (columns: {ds.column_names}); set text_column")
+        raise UserError(f"corpus {str(path)!r} has no column {text_column!r} (columns: {ds.column_names}); set text_column")
     return ds.rename_column(text_column, "text") if kind == "json" and text_column != "text" else ds
 
 
@@ -102,7 +121,12 @@ def load_documents(
         require("datasets", "lm")
         from datasets import load_dataset
 
-        ds, col = load_dataset(corpus, corpus_config, split=split, streaming=streaming), text_column
+        try:
+            ds, col = load_dataset(corpus, corpus_config, split=split, streaming=streaming), text_column
+        except Exception as e:  # offline, unknown name, no such config or split: datasets raises many kinds
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"cannot load the hub dataset {corpus!r} ({type(e).__name__}: {first}): check the name and "
+                            f"the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE force offline), or pass a local file") from None
     ds = ds.shuffle(seed=seed, buffer_size=10_000) if streaming else ds.shuffle(seed=seed)
     return (row[col] for row in ds)
 

@@ -17,10 +17,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .hooks import model_device, replace_activation
-from .io import atomic_write
+from .io import UserError, atomic_write, is_int
 from .models import load_model
 from .losses import FeatureStats, fit_zipf
 from .sae import SAE
+from .store import hook_label, provenance_mismatch
 
 # %% auto #0
 __all__ = ['reconstruction_metrics', 'spearman', 'adaptive_computation', 'save_results', 'training_statistics',
@@ -112,10 +113,14 @@ def training_statistics(run_dir: str | Path) -> dict:
     path = run_dir / "feature_stats.pt"
     if not path.exists():
         return {}
-    state = torch.load(path, weights_only=True)
     cfg = sae_meta.get("train_config", {})
-    stats = FeatureStats(state["density"].numel(), dead_tokens=cfg.get("dead_tokens", 10_000_000))
-    stats.load_state_dict(state)
+    try:
+        state = torch.load(path, weights_only=True)
+        stats = FeatureStats(state["density"].numel(), dead_tokens=cfg.get("dead_tokens", 10_000_000))
+        stats.load_state_dict(state)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}): delete it to evaluate without the "
+                        f"training statistics, or train the run again") from None
     s = stats.summary()
     return {"dead_frac_train": s["dead_frac"], "dying_frac_train": s.get("dying_frac"),
             "dead_window_tokens": s["dead_window_tokens"], "train_tokens": s["tokens_seen"],
@@ -137,6 +142,11 @@ def downstream_losses(model: torch.nn.Module, tokens: Tensor, hook: int | str, s
     "CE clean / zero-ablated / spliced for each named (sae, mode), loss recovered and KL, over contexts [N, T]."
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_contexts, T >= 2], got {tuple(tokens.shape)}")
+    for name, (sae, _) in saes.items():
+        trained_at = getattr(sae, "provenance", {}).get("hook")
+        if trained_at is not None and trained_at != hook_label(hook):
+            raise UserError(f"SAE {name!r} was trained on activations at {trained_at}: splicing it in at "
+                            f"{hook_label(hook)} would measure nonsense")
     keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
     dev = model_device(model)
     model.eval()
@@ -190,15 +200,25 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
                  progress: bool = True) -> dict:
     "Evaluate the SAE in run_dir on an activation cache's held-out split; write run_dir/eval.json."
     run_dir = Path(run_dir)
+    if not (is_int(eval_tokens) and eval_tokens >= 1):
+        raise UserError(f"eval_tokens (--eval-tokens) must be an integer >= 1, got {eval_tokens!r}")
+    if not (is_int(downstream_contexts) and downstream_contexts >= 0):
+        raise UserError(f"downstream_contexts (--downstream-contexts) must be an integer >= 0, got {downstream_contexts!r}")
+    if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
+        raise UserError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
     sae = SAE.load(run_dir / "sae.safetensors", device=device)
     meta = _metadata(run_dir / "sae.safetensors")
     if sae.cfg.d_in != cache.d_model:
-        raise ValueError(f"the SAE in {run_dir} takes d_in={sae.cfg.d_in} but the cache holds d_model={cache.d_model}")
+        raise UserError(f"the SAE in {run_dir} takes d_in={sae.cfg.d_in} but the cache holds d_model={cache.d_model}")
+    diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
+    if diff:
+        raise UserError(f"the SAE in {run_dir} was trained on other activations than the cache {cache.path} holds "
+                        f"({diff}; SAE vs cache): evaluate it on a cache of its own model and hook")
     modes = modes or (("batch",) if sae.cfg.kind == "topk" else ("batch", "threshold"))
     bs = batch_size or meta.get("train_config", {}).get("batch_size", 4096)
     x = cache.read("eval")[:eval_tokens]  # [n, d]
     if len(x) == 0:
-        raise ValueError(f"the activation cache at {cache.path} has no held-out ('eval') activations")
+        raise UserError(f"the activation cache at {cache.path} has no held-out ('eval') activations")
     b = min(bs, len(x))
     batches = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
     res = {"run": str(run_dir), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .io import UserError
+
 # %% auto #0
 __all__ = ['HookPoint', 'transformer_blocks', 'n_layers', 'resolve_hook', 'replace_activation', 'model_device', 'capture',
            'next_token_losses', 'iter_activations']
@@ -56,12 +58,12 @@ def resolve_hook(model: nn.Module, hook: int | str | HookPoint) -> HookPoint:
     if isinstance(hook, int):
         n = len(blocks)
         if not -n <= hook < n:
-            raise IndexError(f"layer {hook} out of range: {type(model).__name__} has {n} blocks (use 0..{n - 1}, or 'embed')")
+            raise UserError(f"hook {hook}: layer out of range: {type(model).__name__} has {n} blocks (use 0..{n - 1}, or 'embed')")
         return HookPoint(blocks[hook % n], pre=False, name=f"blocks.{hook % n}")
     try:
         return HookPoint(model.get_submodule(hook), pre=False, name=hook)
     except AttributeError:
-        raise ValueError(
+        raise UserError(
             f"unknown hook {hook!r}: use a block index, 'embed', or a module path such as '{blocks_path}.0'"
         ) from None
 

@@ -5,12 +5,17 @@
 # %% ../nbs/00_io.ipynb #3a23f1fe
 from __future__ import annotations
 
+import errno
 import importlib
+import math
 import os
+import re
 import shutil
+import signal
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -20,35 +25,150 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['EXTRAS', 'atomic_write', 'read_safetensors', 'atomic_torch_save', 'atomic_dir', 'commit_dir', 'require']
+__all__ = ['EXTRAS', 'UserError', 'is_int', 'is_number', 'check_field', 'fault_point', 'temp_path', 'is_temp_name', 'pid_alive',
+           'clean_leftovers', 'sync_path', 'atomic_write', 'read_safetensors', 'atomic_torch_save', 'atomic_dir',
+           'commit_dir', 'locked', 'writable_dir', 'require']
+
+# %% ../nbs/00_io.ipynb #e6276bca
+class UserError(ValueError):
+    "A problem the user can fix, told in one line that names it and the fix (the CLI prints it without a traceback)."
+
+
+def is_int(value) -> bool:
+    "An int that is not a bool."
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    "A real number (int or float, not bool, not NaN)."
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_field(ok: bool, owner: str, name: str, value, want: str) -> None:
+    "Raise a UserError about field `name` of config `owner` (and its --option) unless ok."
+    if not ok:
+        raise UserError(f"{owner}.{name} (--{name.replace('_', '-')}) must be {want}, got {value!r}")
+
+# %% ../nbs/00_io.ipynb #21a2237e
+def fault_point(name: str) -> None:
+    "Test hook: if $MCSAE_FAULT is `name` (or `name=SIGNAL`, e.g. `=INT`), this process sends itself SIGKILL (or SIGNAL) here."
+    spec = os.environ.get("MCSAE_FAULT")
+    if not spec:
+        return
+    point, _, sig = spec.partition("=")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, "SIG" + (sig or "KILL")))
 
 # %% ../nbs/00_io.ipynb #cc30455e
+def temp_path(final: Path, kind: str = "tmp") -> Path:
+    "A hidden sibling of final for a write in progress, tagged with this process: .NAME.KIND-PID-RANDOM."
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def is_temp_name(name: str) -> bool:
+    "Whether a file name is one of temp_path's."
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def pid_alive(pid: int) -> bool:
+    "Whether a process with this id runs on this machine."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def clean_leftovers(final: Path) -> list[Path]:
+    "Delete the temporary siblings of final left by dead processes; put back an old version a dead replace moved aside."
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for p in sorted(final.parent.iterdir()):
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m is None or m["name"] != final.name or pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not final.exists():
+            p.rename(final)  # killed between moving the old version aside and moving the new one in
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    "The process umask (os.umask reads it only by setting it, so it is set straight back)."
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def sync_path(path: Path) -> None:
+    "fsync a file or a folder: its data (or its entries) survive a power loss."
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _settle(path: Path) -> None:
+    "Give a finished temporary file the mode the umask asks for, and fsync it."
+    os.chmod(path, 0o666 & ~_umask())
+    sync_path(path)
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    "Whether a failed write failed for lack of space (writers do not all raise ENOSPC)."
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    "Call write(tmp) on a temporary file next to path, then rename it onto path atomically."
+    "Call write(tmp) on a hidden temporary file next to path, fsync it, rename it onto path and fsync the folder."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    clean_leftovers(path)
+    tmp = temp_path(path)
     try:
-        write(tmp)
+        write(str(tmp))
+        fault_point(f"write:{path.name}")
+        _settle(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        sync_path(path.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _disk_full(e, path.parent):
+            raise UserError(f"no space left on the device to write {path}: free some space and run the command "
+                            f"again (the previous {path.name}, if any, is intact)") from None
         raise
     return path
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    "Read tensors and metadata from a safetensors file; ValueError if missing or corrupt."
+    "Read tensors and metadata from a safetensors file; UserError if missing or corrupt."
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}: check the path (a run folder holds sae.safetensors once training finished)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated?): {e}") from None
+        raise UserError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated?): {e}") from None
 
 # %% ../nbs/00_io.ipynb #e44f61d7
 def atomic_torch_save(obj, path: str | Path) -> Path:
@@ -57,24 +177,77 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
 # %% ../nbs/00_io.ipynb #8ff96654
 def atomic_dir(final: Path) -> Path:
-    "A fresh temporary directory next to `final`, to be renamed onto it when complete."
+    "A fresh hidden temporary directory next to `final` (leftovers of dead processes cleaned first), to rename onto it when complete."
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    clean_leftovers(final)
+    tmp = temp_path(final)
     tmp.mkdir()
     return tmp
 
 
 def commit_dir(tmp: Path, final: Path, overwrite: bool = False) -> Path:
-    "Rename a complete temporary directory onto `final` (atomic on one filesystem)."
+    "fsync a complete temporary directory and rename it onto `final` (atomic on one filesystem)."
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _settle(p)
+    sync_path(tmp)
     if final.exists():
         if not overwrite:  # someone else finished first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
             return final
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temp_path(final, "old")
         final.rename(old)
+        tmp.rename(final)
+        sync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
+        return final
     tmp.rename(final)
+    sync_path(final.parent)
     return final
+
+# %% ../nbs/00_io.ipynb #9d250509
+@contextmanager
+def locked(path: Path, what: str) -> Iterator[None]:
+    "Hold an exclusive lock file (holding this process id) while the block runs; UserError naming the holder if it is taken."
+    import fcntl  # POSIX
+
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{what} is in use by process {holder} (lock file {path}): wait for it to finish, "
+                            f"or stop that process") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file that its last holder deleted while this process waited for it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def writable_dir(path: str | Path, option: str = "--out") -> Path:
+    "Create folder path if needed and check that a file can be written in it (UserError naming the option otherwise)."
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(path / "write-check")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
+    return path
 
 # %% ../nbs/00_io.ipynb #5acc8bc0
 EXTRAS = {

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_dir, commit_dir, require
+from .io import UserError, atomic_dir, check_field, commit_dir, is_int, require
 
 # %% auto #0
 __all__ = ['ASSETS', 'EMBEDDED_MODELS', 'ActivationConfig', 'resolve_device', 'resolve_dtype', 'mcsae_cache_dir', 'asset_files',
@@ -45,16 +45,52 @@ class ActivationConfig:
     dtype: str = "float32"  # model compute dtype: float32 | bfloat16 | float16
     cache_dir: str | None = None  # where converted models live (None: $MCSAE_CACHE or ~/.cache/mcsae)
 
+    def __post_init__(self):
+        owner = "ActivationConfig"
+        for name in ("model", "corpus", "split", "text_column"):
+            value = getattr(self, name)
+            check_field(isinstance(value, str) and value != "", owner, name, value, "a non-empty string")
+        for name in ("corpus_config", "cache_dir"):
+            value = getattr(self, name)
+            check_field(value is None or isinstance(value, str), owner, name, value, "a string, or None")
+        check_field(is_int(self.hook) or (isinstance(self.hook, str) and self.hook != ""), owner, "hook", self.hook,
+                    "a block index, 'embed' or a module path")
+        check_field(isinstance(self.streaming, bool), owner, "streaming", self.streaming, "true or false")
+        check_field(is_int(self.context_length) and self.context_length >= 2, owner, "context_length", self.context_length,
+                    "an integer >= 2 (BOS and at least one token)")
+        check_field(self.n_tokens is None or (is_int(self.n_tokens) and self.n_tokens >= 1), owner, "n_tokens", self.n_tokens,
+                    "an integer >= 1, or None for the whole corpus")
+        for name in ("model_batch_size", "batch_size"):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, owner, name, value, "an integer >= 1")
+        check_field(is_int(self.buffer_size) and self.buffer_size >= 2 * self.batch_size, owner, "buffer_size",
+                    self.buffer_size, f"an integer >= 2 * batch_size = {2 * self.batch_size}")
+        check_field(is_int(self.seed) and self.seed >= 0, owner, "seed", self.seed, "an integer >= 0")
+        check_field(isinstance(self.device, (str, torch.device)), owner, "device", self.device, "cpu, cuda, cuda:N, mps or auto")
+        check_field(self.dtype in ("float32", "bfloat16", "float16") or isinstance(self.dtype, torch.dtype), owner, "dtype",
+                    self.dtype, "float32, bfloat16 or float16")
+
 # %% ../nbs/04_models.ipynb #89837231
-def resolve_device(device: str) -> torch.device:
-    "Turn 'auto' into cuda/mps/cpu; pass anything else to `torch.device`."
+def resolve_device(device: str | torch.device) -> torch.device:
+    "Turn 'auto' into cuda/mps/cpu, and any other name into a device this machine has (UserError otherwise)."
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(device)!r} is not available: torch.cuda.is_available() is False (no GPU, or a "
+                        f"CPU-only build of torch); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -63,7 +99,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     out = getattr(torch, str(dtype), None)
     if not isinstance(out, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return out
 
 
@@ -159,7 +195,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
     except (OSError, ValueError) as e:
-        raise ValueError(
+        raise UserError(
             f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             f"a local checkpoint, or a loadable hub model ({type(e).__name__}: {e})"
         ) from e

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .allocation import ALLOCATION_KINDS, Allocation, allocate, check_kind, csr_offsets, uniform_capacities, zipf_capacities
-from .io import atomic_write, read_safetensors
+from .io import UserError, atomic_write, check_field, is_int, is_number, read_safetensors
 
 # %% auto #0
 __all__ = ['KINDS', 'VARIANTS', 'PRIVATE_OP', 'CHECKPOINT_FORMAT', 'SAEConfig', 'variant_id', 'FeatureOrder', 'by_feature',
@@ -50,15 +50,19 @@ class SAEConfig:
     threshold_decay: float = 0.95  # decay of the inference-threshold EMA: ~20 recent batches, so early training fades
 
     def __post_init__(self):
-        check_kind(self.kind, "SAEConfig.kind")
-        if self.capacities not in ("zipf", "uniform"):
-            raise ValueError(f"SAEConfig.capacities must be 'zipf' or 'uniform', got {self.capacities!r}")
-        if self.d_in < 1 or self.n_features < 1:
-            raise ValueError(f"d_in and n_features must be positive, got d_in={self.d_in}, n_features={self.n_features}")
-        if not 1 <= self.k < self.n_features:
-            raise ValueError(f"k must satisfy 1 <= k < n_features, got k={self.k} with n_features={self.n_features}")
-        if self.zipf_s < 0 or not 0 <= self.ema_decay < 1 or not 0 <= self.threshold_decay < 1 or self.rank_every < 1:
-            raise ValueError("zipf_s must be >= 0, ema_decay and threshold_decay in [0, 1), rank_every >= 1")
+        try:
+            check_kind(self.kind, "SAEConfig.kind (--kind)")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        check_field(self.capacities in ("zipf", "uniform"), "SAEConfig", "capacities", self.capacities, "'zipf' or 'uniform'")
+        for name in ("d_in", "n_features", "k", "rank_every"):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, "SAEConfig", name, value, "an integer >= 1")
+        check_field(self.k < self.n_features, "SAEConfig", "k", self.k, f"smaller than n_features={self.n_features}")
+        check_field(is_number(self.zipf_s) and 0 <= self.zipf_s < math.inf, "SAEConfig", "zipf_s", self.zipf_s, "a number >= 0")
+        for name in ("ema_decay", "threshold_decay"):
+            value = getattr(self, name)
+            check_field(is_number(value) and 0 <= value < 1, "SAEConfig", name, value, "a number in [0, 1)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":
@@ -66,7 +70,7 @@ class SAEConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown SAEConfig fields: {sorted(unknown)}")
+            raise UserError(f"unknown SAEConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -258,6 +262,7 @@ class SAE(nn.Module):
         self.register_buffer("ranks", torch.arange(1, F_ + 1, device=device))  # [F], rank of feature i
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))  # training batches seen
         self._capacity_cache: dict = {}
+        self.provenance: dict = {}  # the activations it was trained on (model, hook, corpus, d_model), set by load
 
     # ---- input checks -------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
@@ -387,24 +392,26 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SAE":
-        "Load a checkpoint written by `save`; a clear ValueError if it is not one."
+        "Load a checkpoint written by `save`, in eval mode (inference never changes it); a UserError if it is not one."
         tensors, meta = read_safetensors(path)
         if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
-            raise ValueError(f"{path} is a safetensors file but not an mcsae SAE checkpoint (no mcsae config in its metadata)")
+            raise UserError(f"{path} is a safetensors file but not an mcsae SAE checkpoint (no mcsae config in its metadata)")
         try:
             cfg = SAEConfig.from_dict(json.loads(meta["config"]))
+            summary = json.loads(meta.get("metadata", "{}"))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: the stored SAE config is invalid: {e}") from None
+            raise UserError(f"{path}: the stored SAE config is invalid: {e}") from None
         sae = cls(cfg, device="meta")
         expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != got:
             diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
-            raise ValueError(f"{path}: tensors do not match the stored config {cfg}; mismatched: "
+            raise UserError(f"{path}: tensors do not match the stored config {cfg}; mismatched: "
                              + ", ".join(f"{k} expected {expected.get(k)} got {got.get(k)}" for k in diff))
         sae = cls(cfg, device=device, dtype=tensors["W_dec"].dtype)
         sae.load_state_dict(tensors)
-        return sae
+        sae.provenance = summary.get("activations", {}) if isinstance(summary, dict) else {}
+        return sae.eval()  # training mode would let every forward pass move the thresholds and the step count
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from .corpora import corpus_tokens, keep_mask
 from .hooks import iter_activations, resolve_hook
-from .io import atomic_dir, commit_dir
+from .io import UserError, atomic_dir, commit_dir, fault_point, is_number
 from .models import ActivationConfig, load_model, resolve_device
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'shuffle_batches', 'take_rows', 'activation_batches', 'CacheError', 'build_cache', 'ActivationCache',
-           'open_cache']
+__all__ = ['CACHE_FORMAT', 'PROVENANCE_KEYS', 'shuffle_batches', 'take_rows', 'activation_batches', 'CacheError', 'hook_label',
+           'provenance', 'provenance_mismatch', 'build_cache', 'ActivationCache', 'open_cache']
 
 # %% ../nbs/07_store.ipynb #ac6210ce
 def shuffle_batches(
@@ -88,17 +88,55 @@ def activation_batches(
 
 # %% ../nbs/07_store.ipynb #da9064f6
 CACHE_FORMAT = "mcsae.activations/1"
+PROVENANCE_KEYS = ("model", "hook", "corpus", "context_length", "d_model")
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     "A missing, corrupt or mismatched activation cache."
 
 
-def _hook_label(hook: int | str) -> str:
+def hook_label(hook: int | str) -> str:
     "Canonical text for a hook setting ('blocks.L' for indices)."
     if isinstance(hook, int) or re.fullmatch(r"-?\d+", str(hook)):
         return f"blocks.{int(hook)}"
     return str(hook)
+
+
+def provenance(manifest: dict) -> dict:
+    "Where a cache's activations come from: model, hook, corpus, context length, width."
+    return {k: manifest.get(k) for k in PROVENANCE_KEYS}
+
+
+def provenance_mismatch(recorded: dict, current: dict, keys: tuple[str, ...] = PROVENANCE_KEYS) -> str:
+    "The differences between two provenances on the keys both record ('' if none)."
+    diff = [f"{k} {recorded[k]!r} vs {current[k]!r}" for k in keys
+            if recorded.get(k) is not None and current.get(k) is not None and recorded[k] != current[k]]
+    return ", ".join(diff)
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    "Refuse an existing path unless overwrite is asked and it is an mcsae cache holding only its own files."
+    if not path.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{path} exists: pass --overwrite (overwrite=True) to replace it, or choose another --out")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not an activation cache: refusing to replace it; choose another --out")
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
+        return
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise UserError(f"{path} is not an mcsae activation cache (no manifest.json of one): refusing to replace it; "
+                        f"choose another --out")
+    own = {"manifest.json", "tokens.npy", "keep.npy"} | {s.get("file") for s in manifest.get("shards", [])}
+    foreign = sorted(entries - own)
+    if foreign:
+        raise UserError(f"{path} holds files mcsae did not write ({', '.join(foreign[:5])}): refusing to replace it; "
+                        f"move them away or choose another --out")
 
 
 def build_cache(
@@ -114,19 +152,23 @@ def build_cache(
 ) -> Path:
     "Extract cfg's activations into a sharded, memory-mappable cache directory at `path`, atomically."
     path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if not (is_number(eval_fraction) and 0 <= eval_fraction < 1):
+        raise UserError(f"eval_fraction (--eval-fraction) must be a number in [0, 1), got {eval_fraction!r}")
     if store_dtype not in ("float32", "float16"):
-        raise ValueError("store_dtype must be float32 or float16")
-    if model is None:
-        model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
-    hp = resolve_hook(model, cfg.hook)
-    tokens = corpus_tokens(cfg, tokenizer)  # [N, T]
-    keep = keep_mask(tokens, tokenizer)  # [N, T]
-    n_eval_ctx = int(round(len(tokens) * eval_fraction)) if len(tokens) > 1 else 0
-    n_train_ctx = len(tokens) - n_eval_ctx
-    tmp = atomic_dir(path)
+        raise UserError("store_dtype must be float32 or float16")
+    _check_replaceable(path, overwrite)
     try:
+        tmp = atomic_dir(path)  # before any work: a path that cannot be written is found now
+    except OSError as e:
+        raise UserError(f"cannot write the cache {path} ({e.strerror or e}): choose another --out") from None
+    try:
+        if model is None:
+            model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
+        hp = resolve_hook(model, cfg.hook)
+        tokens = corpus_tokens(cfg, tokenizer)  # [N, T]
+        keep = keep_mask(tokens, tokenizer)  # [N, T]
+        n_eval_ctx = int(round(len(tokens) * eval_fraction)) if len(tokens) > 1 else 0
+        n_train_ctx = len(tokens) - n_eval_ctx
         np.save(tmp / "tokens.npy", tokens.numpy().astype(np.int32))
         np.save(tmp / "keep.npy", keep.numpy())
         shards, buf, rows = [], [], 0
@@ -138,6 +180,7 @@ def build_cache(
             np.save(tmp / name, arr)
             shards.append({"file": name, "rows": len(arr), "bytes": (tmp / name).stat().st_size})
             buf.clear()
+            fault_point(f"shard:{len(shards) - 1}")
 
         for h in iter_activations(model, tokens, hp, cfg.model_batch_size, keep, progress=progress):
             buf.append(h)
@@ -150,7 +193,7 @@ def build_cache(
         manifest = {
             "format": CACHE_FORMAT,
             "model": cfg.model,
-            "hook": _hook_label(cfg.hook),
+            "hook": hook_label(cfg.hook),
             "hook_name": hp.name,
             "corpus": cfg.corpus,
             "context_length": cfg.context_length,
@@ -165,10 +208,12 @@ def build_cache(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if overwrite:
+            _check_replaceable(path, overwrite)  # nothing foreign appeared there meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit_dir(tmp, path, overwrite=True)
+    return commit_dir(tmp, path, overwrite=overwrite)
 
 # %% ../nbs/07_store.ipynb #bb562e98
 @dataclass
@@ -178,6 +223,11 @@ class ActivationCache:
     path: Path
     manifest: dict
     shards: list[np.ndarray] = field(repr=False)
+
+    @property
+    def provenance(self) -> dict:
+        "Where these activations come from: model, hook, corpus, context length, width."
+        return provenance(self.manifest)
 
     @property
     def d_model(self) -> int:
@@ -191,7 +241,7 @@ class ActivationCache:
         if split == "all":
             return 0, len(self)
         if split not in self.manifest["splits"]:
-            raise ValueError(f"unknown split {split!r}: use train, eval or all")
+            raise UserError(f"unknown split {split!r}: use train, eval or all")
         start, stop = self.manifest["splits"][split]
         return start, stop
 
@@ -287,7 +337,7 @@ def open_cache(path: str | os.PathLike, expect: ActivationConfig | None = None) 
     if expect is not None:
         want = {
             "model": expect.model,
-            "hook": _hook_label(expect.hook),
+            "hook": hook_label(expect.hook),
             "corpus": expect.corpus,
             "context_length": expect.context_length,
         }

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -19,15 +22,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .losses import FeatureStats, aux_k_loss, aux_zipf_loss, nmse
-from .io import atomic_torch_save
+from .io import (UserError, atomic_dir, atomic_torch_save, atomic_write, check_field, clean_leftovers, commit_dir,
+                      fault_point, is_int, is_number, is_temp_name, locked, writable_dir)
+from .models import resolve_device
 from .sae import SAE, SAEConfig
+from .store import provenance_mismatch
 
 # %% auto #0
-__all__ = ['AUX_LOSSES', 'TrainConfig', 'BatchSource', 'TensorSource', 'CacheSource', 'lr_factor', 'input_scale',
-           'fold_input_scale', 'TrainingDiverged', 'Trainer', 'train', 'read_metrics']
+__all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'RUN_FILES', 'TrainConfig', 'BatchSource', 'TensorSource', 'CacheSource', 'lr_factor',
+           'input_scale', 'fold_input_scale', 'TrainingDiverged', 'Trainer', 'TrainingInterrupted', 'train',
+           'read_metrics']
 
 # %% ../nbs/08_train.ipynb #97b60e2e
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
+B_DEC_INITS = ("geometric_median", "mean", "zero")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")  # a plain folder name
+_INT_FIELDS = {"n_features": 2, "k": 1, "dead_tokens": 1, "n_tokens": 1, "batch_size": 1, "warmup_steps": 0,
+               "rank_every": 1, "seed": 0, "log_every": 1, "checkpoint_every": 0}  # field -> smallest value
 
 
 @dataclass
@@ -58,11 +69,29 @@ class TrainConfig:
     name: str = ""  # run name; default derived from kind, aux, k and seed
 
     def __post_init__(self):
-        if self.aux not in AUX_LOSSES:
-            raise ValueError(f"TrainConfig.aux must be one of {AUX_LOSSES}, got {self.aux!r}")
-        if self.batch_size < 1 or self.n_tokens < self.batch_size:
-            raise ValueError(f"need batch_size >= 1 and n_tokens >= batch_size, got {self.batch_size}, {self.n_tokens}")
-        self.kind = self.sae_config(1).kind  # validates kind, k and capacities
+        owner = "TrainConfig"
+        for name, low in _INT_FIELDS.items():
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= low, owner, name, value, f"an integer >= {low}")
+        check_field(self.n_tokens >= self.batch_size, owner, "n_tokens", self.n_tokens, f"at least batch_size = {self.batch_size}")
+        check_field(self.k_aux is None or (is_int(self.k_aux) and self.k_aux >= 1), owner, "k_aux", self.k_aux,
+                    "an integer >= 1, or None (d_in // 2)")
+        for name in ("zipf_s", "aux_alpha"):
+            value = getattr(self, name)
+            check_field(is_number(value) and 0 <= value < math.inf, owner, name, value, "a number >= 0")
+        check_field(self.lr is None or (is_number(self.lr) and 0 < self.lr < math.inf), owner, "lr", self.lr,
+                    "a number > 0, or None (scaled with n_features)")
+        check_field(is_number(self.adam_eps) and 0 < self.adam_eps < math.inf, owner, "adam_eps", self.adam_eps, "a number > 0")
+        check_field(is_number(self.decay_frac) and 0 <= self.decay_frac <= 1, owner, "decay_frac", self.decay_frac,
+                    "a number in [0, 1]")
+        check_field(is_number(self.grad_clip) and self.grad_clip > 0, owner, "grad_clip", self.grad_clip,
+                    "a number > 0 (inf: no clipping)")
+        check_field(self.aux in AUX_LOSSES, owner, "aux", self.aux, f"one of {AUX_LOSSES}")
+        check_field(self.b_dec_init in B_DEC_INITS, owner, "b_dec_init", self.b_dec_init, f"one of {B_DEC_INITS}")
+        check_field(isinstance(self.autocast, bool), owner, "autocast", self.autocast, "true or false")
+        check_field(isinstance(self.name, str) and (self.name == "" or _RUN_NAME.fullmatch(self.name) is not None), owner,
+                    "name", self.name, "a plain folder name (letters, digits, _ . + = -, not starting with . or -)")
+        self.sae_config(1)  # kind, k < n_features, capacities
         if not self.name:
             cap = f"-{self.capacities}" if self.kind == "feature_choice" else ""
             self.name = f"{self.kind}{cap}-{self.aux}-k{self.k}-F{self.n_features}-s{self.seed}"
@@ -86,7 +115,7 @@ class TrainConfig:
         "Build from a dict, rejecting unknown keys."
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+            raise UserError(f"unknown TrainConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 # %% ../nbs/08_train.ipynb #3c1abe91
@@ -126,9 +155,10 @@ class CacheSource:
     def __init__(self, cache, split: str = "train", buffer_size: int = 2**17):
         self.cache, self.split, self.buffer_size = cache, split, buffer_size
         self.d_model = cache.d_model
+        self.provenance = cache.provenance  # model, hook, corpus, context_length, d_model
         start, stop = cache.split_range(split)
         if stop - start <= 0:
-            raise ValueError(f"the {split!r} split of the activation cache at {cache.path} is empty")
+            raise UserError(f"the {split!r} split of the activation cache at {cache.path} is empty")
 
     def batches(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[Tensor]:
         epoch, skipped = 0, 0
@@ -141,7 +171,7 @@ class CacheSource:
                     continue
                 yield x
             if n_epoch == 0:
-                raise ValueError(f"the {self.split!r} split holds fewer than batch_size={batch_size} activations")
+                raise UserError(f"the {self.split!r} split holds fewer than batch_size={batch_size} activations")
             epoch += 1
 
 # %% ../nbs/08_train.ipynb #7207fc76
@@ -171,15 +201,17 @@ def fold_input_scale(sae: SAE, scale: float) -> SAE:
     return sae
 
 # %% ../nbs/08_train.ipynb #4463a1ac
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
     "The loss became NaN or inf."
 
 
 class Trainer:
     "Trains one SAE: optimiser, schedule, auxiliary loss, feature statistics, checkpoints."
 
-    def __init__(self, cfg: TrainConfig, d_in: int, out_dir: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: TrainConfig, d_in: int, out_dir: str | Path, device: str | torch.device = "cpu",
+                 provenance: dict | None = None):
         self.cfg, self.out_dir, self.device = cfg, Path(out_dir), torch.device(device)
+        self.provenance = {**(provenance or {}), "d_model": d_in}  # what it trains on; kept with every checkpoint and SAE
         torch.manual_seed(cfg.seed)
         self.sae = SAE(cfg.sae_config(d_in), device=self.device)
         self.stats = FeatureStats(cfg.n_features, dead_tokens=cfg.dead_tokens).to(self.device)
@@ -188,6 +220,7 @@ class Trainer:
         self.step_idx = 0
         self.scale = 1.0
         self.last = {}
+        self.saved_step = 0  # step of the last checkpoint written or read (0: none)
 
     def initialize(self, sample: Tensor) -> None:
         "Set the input scale and b_dec from a sample of raw activations [N, d]."
@@ -246,26 +279,36 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         "Write everything needed to resume, atomically."
-        state = {"config": asdict(self.cfg), "step": self.step_idx, "scale": self.scale,
-                 "sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "stats": self.stats.state_dict(),
-                 "rng": torch.get_rng_state()}
-        return atomic_torch_save(state, self.checkpoint_path)
+        state = {"config": asdict(self.cfg), "step": self.step_idx, "scale": self.scale, "last": self.last,
+                 "activations": self.provenance, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+                 "stats": self.stats.state_dict(), "rng": torch.get_rng_state()}
+        path = atomic_torch_save(state, self.checkpoint_path)
+        self.saved_step = self.step_idx
+        return path
 
     def load_checkpoint(self) -> None:
-        "Restore from checkpoint.pt in out_dir (ValueError if it does not match this config)."
+        "Restore from checkpoint.pt in out_dir (UserError if it is unreadable or belongs to another config or data)."
         path = self.checkpoint_path
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
+            recorded = {**state.get("activations", {}), "d_model": state["sae"]["W_enc"].shape[1]}
         except FileNotFoundError:
-            raise FileNotFoundError(f"cannot resume {self.cfg.name}: no checkpoint at {path}") from None
+            raise UserError(f"cannot resume {self.cfg.name}: no checkpoint at {path}") from None
         except Exception as e:
-            raise ValueError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({e})") from None
+            raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
+                            f"delete it to start the run over") from None
+        diff = provenance_mismatch(recorded, self.provenance)
+        if diff:
+            raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs "
+                            f"now): resume it on the activations it was trained on")
         if state.get("config") != asdict(self.cfg):
-            raise ValueError(f"cannot resume from {path}: it was written for a different TrainConfig")
+            raise UserError(f"cannot resume from {path}: it was written for a different TrainConfig (resume with the "
+                            f"options it was started with)")
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.stats.load_state_dict(state["stats"])
-        self.step_idx, self.scale = state["step"], state["scale"]
+        self.step_idx, self.scale, self.last = state["step"], state["scale"], state.get("last", {})
+        self.saved_step = self.step_idx
         torch.set_rng_state(state["rng"].cpu())
 
     def finish(self) -> Path:
@@ -274,31 +317,103 @@ class Trainer:
         sae.load_state_dict({k: v.cpu() for k, v in self.sae.state_dict().items()})
         fold_input_scale(sae, self.scale)
         summary = {"train_config": asdict(self.cfg), "steps": self.step_idx, "tokens": self.step_idx * self.cfg.batch_size,
-                   "input_scale_folded": self.scale, "final": self.last, **self.stats.summary()}
+                   "input_scale_folded": self.scale, "final": self.last, "activations": self.provenance,
+                   **self.stats.summary()}
         atomic_torch_save(self.stats.state_dict(), self.out_dir / "feature_stats.pt")
         return sae.save(self.out_dir / "sae.safetensors", metadata=summary)
 
 # %% ../nbs/08_train.ipynb #47921d22
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "feature_stats.pt", "sae.safetensors", "eval.json")  # what mcsae writes
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    "Ctrl-C during training; the message says where each run stands."
+
+
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | torch.device = "cpu", progress: bool = True,
           stop_after: int | None = None) -> list[Path]:
     "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs."
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not cfgs:
-        raise ValueError("train needs at least one TrainConfig")
+        raise UserError("train needs at least one TrainConfig")
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
-        raise ValueError(f"run names must be unique, got {names}")
-    B, n_steps, seed = cfgs[0].batch_size, cfgs[0].n_steps, cfgs[0].seed
-    if any(c.batch_size != B or c.n_steps != n_steps for c in cfgs):
-        raise ValueError("SAEs trained on one stream must share batch_size and n_tokens")
-    out_dir = Path(out_dir)
-    trainers = [Trainer(c, source.d_model, out_dir / c.name, device) for c in cfgs]
-    for t in trainers:
-        existing = [p for p in ("checkpoint.pt", "sae.safetensors", "metrics.jsonl") if (t.out_dir / p).exists()]
-        if existing and not (resume or overwrite):
-            raise FileExistsError(f"{t.out_dir} already holds a run ({', '.join(existing)}): "
-                                  "pass resume=True to continue it or overwrite=True to replace it")
+        raise UserError(f"run names must be unique, got {names}")
+    if any(c.batch_size != cfgs[0].batch_size or c.n_steps != cfgs[0].n_steps for c in cfgs):
+        raise UserError("SAEs trained on one stream must share batch_size and n_tokens")
+    if resume and overwrite:
+        raise UserError("--resume continues runs and --overwrite replaces them: pass one of the two")
+    device = resolve_device(device)
+    out_dir = writable_dir(out_dir)
+    with ExitStack() as locks:
+        for name in names:
+            locks.enter_context(locked(out_dir / f".{name}.lock", f"the run folder {out_dir / name}"))
+        return _train_locked(cfgs, source, out_dir, resume, overwrite, device, progress, stop_after)
+
+
+def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
+    "What to do with a run folder: 'new', 'resume', 'finished' (resume asked, nothing left) or 'replace'."
+    clean_leftovers(run)  # a killed replacement of the whole folder
+    for name in RUN_FILES:
+        clean_leftovers(run / name)  # temporary files of killed writes
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file, not a run folder: move it or choose another --out")
+    entries = {p.name for p in run.iterdir()} if run.exists() else set()
+    mine = sorted(entries & set(RUN_FILES))
+    if not mine:
+        return "new"
+    if overwrite:
+        foreign = sorted(n for n in entries - set(RUN_FILES) if not is_temp_name(n))
+        if foreign:
+            raise UserError(f"{run} holds files mcsae did not write ({', '.join(foreign[:5])}): refusing to replace it; "
+                            f"move them away or choose another --out")
+        return "replace"
+    if resume:
+        return "finished" if "sae.safetensors" in mine else "resume"
+    raise UserError(f"{run} already holds a run ({', '.join(mine)}): pass --resume to continue it or --overwrite to "
+                    f"replace it")
+
+
+def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, resume: bool, overwrite: bool,
+                  device: torch.device, progress: bool, stop_after: int | None) -> list[Path]:
+    "train() once its run folders are locked."
+    paths, trainers, staged = {}, [], {}
+    for c in cfgs:
+        run = out_dir / c.name
+        state = _run_state(run, resume, overwrite)
+        if state == "finished":
+            paths[c.name] = run / "sae.safetensors"
+            if progress:
+                print(f"{run} finished earlier: nothing to resume", file=sys.stderr)
+            continue
+        if state == "replace":  # the old run stays whole until the new one is complete
+            staged[c.name] = atomic_dir(run)
+        trainers.append(Trainer(c, source.d_model, staged.get(c.name, run), device, getattr(source, "provenance", None)))
+    try:
+        if trainers:
+            _run(trainers, source, resume, progress, stop_after)
+        for t in trainers:
+            t.save_checkpoint()
+            if stop_after is None or stop_after >= t.cfg.n_steps:
+                paths[t.cfg.name] = t.finish()
+            if t.cfg.name in staged:
+                commit_dir(staged.pop(t.cfg.name), out_dir / t.cfg.name, overwrite=True)
+                paths[t.cfg.name] = out_dir / t.cfg.name / "sae.safetensors"
+    except BaseException as e:
+        for folder in staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt) and trainers:
+            raise TrainingInterrupted(_where(trainers, staged)) from None
+        raise
+    if stop_after is not None and stop_after < cfgs[0].n_steps:
+        return []
+    return [paths[c.name] for c in cfgs]
+
+
+def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: bool, stop_after: int | None) -> None:
+    "Feed one stream of batches to the trainers, from the first batch one of them has not seen."
+    B, n_steps, seed = trainers[0].cfg.batch_size, trainers[0].cfg.n_steps, trainers[0].cfg.seed
     stream = source.batches(B, seed=seed, start=0)
     first = next(stream)
     for t in trainers:
@@ -309,32 +424,40 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
     start = min(t.step_idx for t in trainers)
     stream = source.batches(B, seed=seed, start=start)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"training {len(trainers)} SAE(s)")
-    for step in range(start, n_steps):
-        if stop_after is not None and step >= stop_after:
-            break
-        x = next(stream)
-        for t in trainers:
-            if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
-                continue
-            m = t.step(x)
-            if t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps:
-                _log(t, m)
-            if t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
-                t.save_checkpoint()
-        lead = trainers[0]
-        bar.set_postfix(nmse=f"{lead.last['nmse']:.3f}", l0=f"{lead.last['l0']:.1f}",
-                        dead=f"{lead.stats.dead().float().mean().item():.1%}")
-        bar.update(1)
-    bar.close()
-    if stop_after is not None and stop_after < n_steps:
-        for t in trainers:
-            t.save_checkpoint()
-        return []
-    paths = []
+    try:
+        for step in range(start, n_steps):
+            if stop_after is not None and step >= stop_after:
+                break
+            x = next(stream)
+            for t in trainers:
+                if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
+                    continue
+                m = t.step(x)
+                if t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps:
+                    _log(t, m)
+                if t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
+                    t.save_checkpoint()
+                    fault_point(f"checkpoint:{t.cfg.name}:{t.step_idx}")
+            lead = next(t for t in trainers if t.last)  # one of them stepped
+            bar.set_postfix(nmse=f"{lead.last['nmse']:.3f}", l0=f"{lead.last['l0']:.1f}",
+                            dead=f"{lead.stats.dead().float().mean().item():.1%}")
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _where(trainers: list[Trainer], staged: dict) -> str:
+    "Where each run stands (for the message after Ctrl-C)."
+    parts = []
     for t in trainers:
-        t.save_checkpoint()
-        paths.append(t.finish())
-    return paths
+        if t.cfg.name in staged:
+            parts.append(f"{t.cfg.name} not replaced (its previous run is intact)")
+        elif t.saved_step:
+            parts.append(f"{t.cfg.name} has a checkpoint at step {t.saved_step}")
+        else:
+            parts.append(f"{t.cfg.name} has no checkpoint yet")
+    step = min(t.step_idx for t in trainers)
+    return f"training stopped at step {step} of {trainers[0].cfg.n_steps}: " + ", ".join(parts)
 
 
 def _log(t: Trainer, m: dict) -> None:
@@ -345,15 +468,28 @@ def _log(t: Trainer, m: dict) -> None:
         f.write(json.dumps(line) + "\n")
 
 
+def _metrics_lines(path: Path) -> list[dict]:
+    "The lines of a metrics file; a torn last line (a write cut by a crash) is dropped, a bad line elsewhere refused."
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}, line {i + 1}, is not JSON: delete that line (or the file) and run again") from None
+    return out
+
+
 def _truncate_metrics(run_dir: Path, step: int) -> None:
-    "Keep only the metrics lines up to the given step (before resuming from it)."
+    "Keep only the metrics lines up to the given step (before resuming from it), atomically."
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        text = "".join(json.dumps(m) + "\n" for m in _metrics_lines(path) if m.get("step", 0) <= step)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    "The metrics lines of a run folder."
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    "The metrics lines of a run folder (a torn last line, from a crash, is left out)."
+    return _metrics_lines(Path(run_dir) / "metrics.jsonl")

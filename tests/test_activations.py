@@ -63,7 +63,7 @@ def test_early_stop_skips_deeper_blocks(tiny, tokens):
 
 def test_hook_errors(tiny):
     model, _ = tiny
-    with pytest.raises(IndexError, match="out of range"): resolve_hook(model, 5)
+    with pytest.raises(ValueError, match="out of range"): resolve_hook(model, 5)
     with pytest.raises(ValueError, match="unknown hook"): resolve_hook(model, "transformer.missing")
 
 
@@ -197,7 +197,7 @@ def test_cache_roundtrip_split_and_errors(tiny, tmp_path):
     # mismatches and corruption
     with pytest.raises(CacheError, match="model='smollm2-135m'|wanted"):
         open_cache(path, expect=ActivationConfig(model="gpt2", hook="embed", context_length=64))
-    with pytest.raises(FileExistsError): build_cache(cfg, path, model, tok)
+    with pytest.raises(ValueError, match="exists"): build_cache(cfg, path, model, tok)
     mf = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**mf, "d_model": 33}))
     with pytest.raises(CacheError, match="shape"): open_cache(path)

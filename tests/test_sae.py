@@ -141,7 +141,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(sae.cfg))})
     with pytest.raises(ValueError, match="W_dec"):
         SAE.load(tmp_path / "bad.safetensors")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no checkpoint"):
         SAE.load(tmp_path / "missing.safetensors")
 
 
