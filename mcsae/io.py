@@ -221,6 +221,12 @@ def locked(path: Path, what: str) -> Iterator[None]:
             os.close(fd)
             raise UserError(f"{what} is in use by process {holder} (lock file {path}): wait for it to finish, "
                             f"or stop that process") from None
+        except OSError:  # a file system without flock (some network mounts): judge the lock by its process id
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            if holder.isdigit() and int(holder) != os.getpid() and pid_alive(int(holder)):
+                os.close(fd)
+                raise UserError(f"{what} is in use by process {holder} (lock file {path}): wait for it to finish, "
+                                f"or stop that process") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -230,7 +236,7 @@ def locked(path: Path, what: str) -> Iterator[None]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         Path(path).unlink(missing_ok=True)
