@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import inspect
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -50,9 +52,20 @@ def _parse_bool(text: str) -> bool | str:
     return text
 
 
+def _field_notes(cls) -> dict[str, str]:
+    "The comment after each field in a dataclass's source: the --help text of its option."
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)", line)
+        if m:
+            notes[m[1]] = m[2].strip()
+    return notes
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     "Add one --option per field of the dataclass cls; an option not given stays unset (the field's default applies)."
     group = parser.add_argument_group(cls.__name__)
+    notes = _field_notes(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -62,7 +75,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         else:
             parse = lambda s, allow_none=default is None: _parse_value(s, allow_none)
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=argparse.SUPPRESS,
-                           metavar="BOOL" if isinstance(default, bool) else None, help=f"(default {default})")
+                           metavar="BOOL" if isinstance(default, bool) else None,
+                           help=f"{notes.get(f.name, f.name.replace('_', ' '))} (default {default})")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
