@@ -410,7 +410,9 @@ def test_api_validates_like_the_cli():
 
 
 def test_errors_from_the_installed_command_have_no_traceback(tmp_path):
-    res = cli(*train_args(tmp_path / "out", "--k", "4.5"))
+    command = [shutil.which("mcsae")] if shutil.which("mcsae") else ENTRY  # the console script, where installed
+    args = [str(a) for a in train_args(tmp_path / "out", "--k", "4.5")]
+    res = subprocess.run(command + args, env=_env(), capture_output=True, text=True, timeout=300)
     assert_user_error(res.returncode, res.stderr, "k")
     res = cli("evaluate", tmp_path / "nowhere", "--cache", CACHE)
     assert_user_error(res.returncode, res.stderr, "nowhere")
