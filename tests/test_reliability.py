@@ -3,7 +3,8 @@
 Each test is named after the class of failure it guards against (README, section Reliability). Runs are tiny
 (a 2-block GPT-2 of width 16, a 32-feature SAE, batches of 64): the whole module takes about a minute of CPU
 time; eight of its tests run mcsae in child processes (3-4 minutes of wall time on a busy 2-core machine).
-Processes are cut at chosen instants either from outside (a signal to their process id) or with the test hook `MCSAE_FAULT=<point>[=SIGNAL]`, which makes mcsae signal itself at that point (default SIGKILL):
+Processes are cut at chosen instants either from outside (a signal to their process id) or with the test hook
+`MCSAE_FAULT=<point>[=SIGNAL]`, which makes mcsae signal itself at that point (default SIGKILL):
   checkpoint:<run>:<step>   just after <run> wrote its checkpoint at <step>
   write:<file>              inside an atomic write of <file>, after the data went to its temporary file
   shard:<i>                 while building a cache, just after shard <i> went to the temporary folder
