@@ -281,8 +281,8 @@ class Trainer:
 # %% ../nbs/08_train.ipynb #47921d22
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-          stop_after: int | None = None) -> list[Path]:
-    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs."
+          stop_after: int | None = None, wandb: str | None = None) -> list[Path]:
+    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs (wandb: a W&B project)."
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not cfgs:
         raise ValueError("train needs at least one TrainConfig")
@@ -299,6 +299,7 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
         if existing and not (resume or overwrite):
             raise FileExistsError(f"{t.out_dir} already holds a run ({', '.join(existing)}): "
                                   "pass resume=True to continue it or overwrite=True to replace it")
+    runs = _wandb_runs(wandb, trainers)  # [None, ...] without a project
     stream = source.batches(B, seed=seed, start=0)
     first = next(stream)
     for t in trainers:
@@ -313,12 +314,12 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
         if stop_after is not None and step >= stop_after:
             break
         x = next(stream)
-        for t in trainers:
+        for t, run in zip(trainers, runs):
             if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
                 continue
             m = t.step(x)
             if t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps:
-                _log(t, m)
+                _log(t, m, run)
             if t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
                 t.save_checkpoint()
         lead = trainers[0]
@@ -326,6 +327,9 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
                         dead=f"{lead.stats.dead().float().mean().item():.1%}")
         bar.update(1)
     bar.close()
+    for run in runs:
+        if run is not None:
+            run.finish()
     if stop_after is not None and stop_after < n_steps:
         for t in trainers:
             t.save_checkpoint()
@@ -337,12 +341,29 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
     return paths
 
 
-def _log(t: Trainer, m: dict) -> None:
-    "Append one metrics line (with the dead fraction) to metrics.jsonl."
+def _log(t: Trainer, m: dict, run=None) -> None:
+    "Append one metrics line (with the dead fraction) to metrics.jsonl, and the same line to a W&B run if given."
     line = {**m, "dead_frac": t.stats.dead().float().mean().item(), "time": time.time()}
     t.out_dir.mkdir(parents=True, exist_ok=True)
     with open(t.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
+    if run is not None:
+        run.log(line, step=line["step"])
+
+
+def _wandb_runs(project: str | None, trainers: list[Trainer]) -> list:
+    "One Weights & Biases run per trainer, named like its run folder (all None without a project; wandb is optional)."
+    if project is None:
+        return [None] * len(trainers)
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    runs = []
+    for t in trainers:
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        runs.append(wandb.init(project=project, name=t.cfg.name, config=asdict(t.cfg), dir=str(t.out_dir), reinit="create_new"))
+    return runs
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

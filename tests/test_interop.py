@@ -16,14 +16,7 @@ from mcsae.store import build_cache, open_cache
 from mcsae.train import TensorSource, TrainConfig, fold_input_scale, train
 from tiny import tiny_model
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fake_trained(kind: str, d: int = 16, F: int = 96, k: int = 5, scale: float = 2.5, seed: int = 0, **kw) -> SAE:
