@@ -11,9 +11,9 @@ import torch
 
 from mcsae.cli import main
 from mcsae.dashboard import (ContextLayout, DashboardConfig, FeatureCollector, TopN, build_dashboard, collect,
-                             histogram_update, select_pairs, topn_merge)
+                             histogram_update, topn_merge)
 from mcsae.models import ActivationConfig
-from mcsae.sae import SAE, SAEConfig
+from mcsae.sae import SAE
 from mcsae.store import build_cache, open_cache
 from mcsae.train import CacheSource, TrainConfig, train
 from tiny import tiny_model
