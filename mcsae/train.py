@@ -323,7 +323,7 @@ class Trainer:
         return sae.save(self.out_dir / "sae.safetensors", metadata=summary)
 
 # %% ../nbs/08_train.ipynb #47921d22
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "feature_stats.pt", "sae.safetensors", "eval.json")  # what mcsae writes
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "feature_stats.pt", "sae.safetensors", "eval.json", "wandb")  # what mcsae writes
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -332,8 +332,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-          stop_after: int | None = None) -> list[Path]:
-    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs."
+          stop_after: int | None = None, wandb: str | None = None) -> list[Path]:
+    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs (wandb: a W&B project)."
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not cfgs:
         raise UserError("train needs at least one TrainConfig")
@@ -349,7 +349,7 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
     with ExitStack() as locks:
         for name in names:
             locks.enter_context(locked(out_dir / f".{name}.lock", f"the run folder {out_dir / name}"))
-        return _train_locked(cfgs, source, out_dir, resume, overwrite, device, progress, stop_after)
+        return _train_locked(cfgs, source, out_dir, resume, overwrite, device, progress, stop_after, wandb)
 
 
 def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
@@ -376,7 +376,7 @@ def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
 
 
 def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, resume: bool, overwrite: bool,
-                  device: torch.device, progress: bool, stop_after: int | None) -> list[Path]:
+                  device: torch.device, progress: bool, stop_after: int | None, wandb: str | None = None) -> list[Path]:
     "train() once its run folders are locked."
     paths, trainers, staged = {}, [], {}
     for c in cfgs:
@@ -392,7 +392,7 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
         trainers.append(Trainer(c, source.d_model, staged.get(c.name, run), device, getattr(source, "provenance", None)))
     try:
         if trainers:
-            _run(trainers, source, resume, progress, stop_after)
+            _run(trainers, source, resume, progress, stop_after, wandb)
         for t in trainers:
             t.save_checkpoint()
             if stop_after is None or stop_after >= t.cfg.n_steps:
@@ -411,8 +411,9 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
     return [paths[c.name] for c in cfgs]
 
 
-def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: bool, stop_after: int | None) -> None:
-    "Feed one stream of batches to the trainers, from the first batch one of them has not seen."
+def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: bool, stop_after: int | None,
+         wandb: str | None = None) -> None:
+    "Feed one stream of batches to the trainers, from the first batch one of them has not seen (and log to W&B)."
     B, n_steps, seed = trainers[0].cfg.batch_size, trainers[0].cfg.n_steps, trainers[0].cfg.seed
     stream = source.batches(B, seed=seed, start=0)
     first = next(stream)
@@ -423,18 +424,19 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
         _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
     start = min(t.step_idx for t in trainers)
     stream = source.batches(B, seed=seed, start=start)
+    runs = _wandb_runs(wandb, trainers)  # [None, ...] without a project
     bar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"training {len(trainers)} SAE(s)")
     try:
         for step in range(start, n_steps):
             if stop_after is not None and step >= stop_after:
                 break
             x = next(stream)
-            for t in trainers:
+            for t, run in zip(trainers, runs):
                 if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
                     continue
                 m = t.step(x)
                 if t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps:
-                    _log(t, m)
+                    _log(t, m, run)
                 if t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
                     t.save_checkpoint()
                     fault_point(f"checkpoint:{t.cfg.name}:{t.step_idx}")
@@ -444,6 +446,9 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
             bar.update(1)
     finally:
         bar.close()
+        for run in runs:
+            if run is not None:
+                run.finish()
 
 
 def _where(trainers: list[Trainer], staged: dict) -> str:
@@ -460,12 +465,30 @@ def _where(trainers: list[Trainer], staged: dict) -> str:
     return f"training stopped at step {step} of {trainers[0].cfg.n_steps}: " + ", ".join(parts)
 
 
-def _log(t: Trainer, m: dict) -> None:
-    "Append one metrics line (with the dead fraction) to metrics.jsonl."
+def _log(t: Trainer, m: dict, run=None) -> None:
+    "Append one metrics line (with the dead fraction) to metrics.jsonl, and the same line to a W&B run if given."
     line = {**m, "dead_frac": t.stats.dead().float().mean().item(), "time": time.time()}
     t.out_dir.mkdir(parents=True, exist_ok=True)
     with open(t.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
+    if run is not None:
+        run.log(line, step=line["step"])
+
+
+def _wandb_runs(project: str | None, trainers: list[Trainer]) -> list:
+    "One Weights & Biases run per trainer, named like its run folder (all None without a project; wandb is optional)."
+    if project is None:
+        return [None] * len(trainers)
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    runs = []
+    for t in trainers:
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        runs.append(wandb.init(project=project, name=t.cfg.name, config=asdict(t.cfg), dir=str(t.out_dir),
+                               reinit="create_new"))
+    return runs
 
 
 def _metrics_lines(path: Path) -> list[dict]:
