@@ -39,6 +39,9 @@ test: install check browser
 
 reproduce: install
 	mcsae reproduce --preset $(PRESET)
+ifeq ($(PRESET),cpu)
+	mcsae reproduce --preset cpu_dead --figures-dir figures/cpu_dead  # issue 11: the regime where features die
+endif
 
 bench: install
 	$(PY) benchmarks/bench_step.py

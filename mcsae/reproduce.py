@@ -25,8 +25,9 @@ from .store import build_cache, open_cache
 from .train import CacheSource, TrainConfig, read_metrics, train
 
 # %% auto #0
-__all__ = ['PRESETS', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'Preset', 'get_preset', 'provenance', 'modes_of', 'run_sweep',
-           'pilot_zipf_exponent', 'read_runs', 'notebooks_dir', 'run_notebook', 'reproduce', 'write_index']
+__all__ = ['PRESETS', 'SMOKE_SIZE', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'INDEX_MARKERS', 'Preset', 'at_smoke_size',
+           'get_preset', 'provenance', 'modes_of', 'run_sweep', 'pilot_zipf_exponent', 'read_runs', 'notebooks_dir',
+           'run_notebook', 'reproduce', 'write_index', 'study_sections']
 
 # %% ../nbs/11_reproduce.ipynb #59940d70
 @dataclass
@@ -56,6 +57,8 @@ class Preset:
     model_batch_size: int = 32
     device: str = "cpu"
     timing_steps: int = 10
+    encoder_init: str = "lstsq"  # TrainConfig.encoder_init of every SAE and the pilot ("tied": the start before issue 11)
+    outlier_norm: float = 0.0  # TrainConfig.outlier_norm of every SAE and the pilot (0: off)
 
     def activation_config(self) -> ActivationConfig:
         "The ActivationConfig that builds this preset's cache."
@@ -72,7 +75,8 @@ class Preset:
             for k, aux in [(k, "none") for k in self.ks] + [(self.main_k, a) for a in self.aux]:
                 cfg = TrainConfig(**fields_, n_features=self.n_features, k=k, aux=aux, zipf_s=zipf_s, seed=seed,
                                   n_tokens=self.train_tokens, batch_size=self.batch_size, dead_tokens=self.dead_tokens,
-                                  warmup_steps=self.warmup_steps, log_every=log_every,
+                                  warmup_steps=self.warmup_steps, log_every=log_every, encoder_init=self.encoder_init,
+                                  outlier_norm=self.outlier_norm,
                                   name=f"{variant}-{aux}-k{k}-s{seed}", checkpoint_every=0)
                 out.append((variant, aux, k, cfg))
         return out
@@ -82,13 +86,38 @@ PRESETS = {
     "smoke": Preset("smoke", hook=3, context_length=64, n_tokens=12_000, eval_fraction=0.15, eval_tokens=1024,
                     downstream_contexts=2, train_tokens=8192, batch_size=512, n_features=256, ks=(8, 16), main_k=16,
                     dead_tokens=2048, warmup_steps=2, pilot_tokens=4096, model_batch_size=16, timing_steps=3),
-    "cpu": Preset("cpu"),
+    "cpu": Preset("cpu", encoder_init="tied"),  # as its committed figures were made (before issue 11)
     "paper": Preset("paper", model="gpt2", hook=8, corpus="Skylion007/openwebtext", context_length=128,
                     n_tokens=210_000_000, eval_fraction=0.005, eval_tokens=1_000_000, downstream_contexts=512,
                     train_tokens=200_000_000, batch_size=4096, n_features=24576, ks=(16, 32, 64, 128),
                     dead_tokens=10_000_000, warmup_steps=1000, pilot_tokens=20_000_000, model_batch_size=64, device="cuda",
                     timing_steps=50),
+    # issue 11: where features die. With the least-squares start, MC gives its whole batch budget to a few
+    # high-norm tokens at F >= 4096 and loses much of its dictionary, so the aux losses have something to do.
+    # Same activations as `cpu`; two epochs over them; k = 32 only, three variants, two seeds (~70 min, quiet CPU).
+    "cpu_dead": Preset("cpu_dead", train_tokens=819_200, n_features=8192, ks=(32,),
+                       variants=("topk", "feature_choice-zipf", "mutual_choice"), seeds=(0, 1), dead_tokens=204_800,
+                       zipf_s=0.75),
+    # one H100, < 40 min: the embedded model and corpus only, F = 24576, 50M tokens per SAE by ~30 epochs over the cache
+    "gpu": Preset("gpu", n_tokens=1_800_000, eval_fraction=0.05, eval_tokens=65_536, downstream_contexts=64,
+                  train_tokens=50_003_968, batch_size=8192, n_features=24576, ks=(16, 32, 64), seeds=(0,),
+                  dead_tokens=5_000_000, warmup_steps=200, pilot_tokens=4_096_000, model_batch_size=64, device="cuda",
+                  timing_steps=50),
 }
+
+
+SMOKE_SIZE = ("hook", "context_length", "n_tokens", "eval_fraction", "eval_tokens", "downstream_contexts", "train_tokens",
+              "batch_size", "n_features", "ks", "main_k", "dead_tokens", "warmup_steps", "pilot_tokens", "model_batch_size",
+              "timing_steps")  # the fields at_smoke_size takes from the smoke preset
+
+
+def at_smoke_size(preset: Preset) -> Preset:
+    "The preset with the smoke preset's sizes, on the CPU: its own variants, losses, seeds and options, in a minute or two."
+    sizes = {f: getattr(PRESETS["smoke"], f) for f in SMOKE_SIZE}
+    return replace(preset, name=f"{preset.name}_smoke", device="cpu", **sizes)
+
+
+PRESETS["gpu_smoke"] = at_smoke_size(PRESETS["gpu"])  # CI-sized check of the gpu preset's sweep, runnable anywhere
 
 
 def get_preset(name: str, **overrides) -> Preset:
@@ -176,7 +205,8 @@ def pilot_zipf_exponent(preset: Preset, source, out_dir: Path, eval_batches: lis
         return {"s": preset.zipf_s, "source": "preset"}
     cfg = TrainConfig(kind="topk", n_features=preset.n_features, k=preset.main_k, n_tokens=preset.pilot_tokens,
                       batch_size=preset.batch_size, dead_tokens=preset.dead_tokens, warmup_steps=preset.warmup_steps,
-                      checkpoint_every=0, name="pilot-topk")
+                      checkpoint_every=0, name="pilot-topk", encoder_init=preset.encoder_init,
+                      outlier_norm=preset.outlier_norm)
     path = train(cfg, source, out_dir, overwrite=True, device=preset.device, progress=False)[0]
     m = reconstruction_metrics(SAE.load(path, device=preset.device), eval_batches)
     fit = m.get("zipf")
@@ -345,4 +375,22 @@ def write_index(figures_dir: str | Path, preset: str) -> Path:
         lines += [f"## {notes.get('title', name)}", "", notes.get("shows", ""), "", f"Files: {files}", ""]
         if notes.get("findings"):
             lines += ["What the data say:", ""] + [f"* {f}" for f in notes["findings"]] + [""]
+    lines += study_sections(figures_dir)
     return atomic_write(figures_dir / "INDEX.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
+
+# %% ../nbs/11_reproduce.ipynb #e91a0007
+INDEX_MARKERS = ("<!-- index -->", "<!-- /index -->")  # a study README's summary for INDEX.md lies between them
+
+
+def study_sections(figures_dir: str | Path) -> list[str]:
+    "INDEX.md lines for each study folder figures_dir/NAME/README.md: its title, a link and its summary between markers."
+    lines = []
+    for readme in sorted(Path(figures_dir).glob("*/README.md")):
+        text = readme.read_text()
+        titles = [line[2:].strip() for line in text.splitlines() if line.startswith("# ")]
+        summary = text.partition(INDEX_MARKERS[0])[2].partition(INDEX_MARKERS[1])[0].strip()
+        link = f"{readme.parent.name}/README.md"
+        lines += [f"## {titles[0] if titles else readme.parent.name}", "", f"A study beside the reproduction: [`{link}`]({link}).", ""]
+        if summary:
+            lines += [summary, ""]
+    return lines

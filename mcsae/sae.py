@@ -24,7 +24,7 @@ from .io import UserError, atomic_write, check_field, is_int, is_number, read_sa
 __all__ = ['KINDS', 'VARIANTS', 'PRIVATE_OP', 'CHECKPOINT_FORMAT', 'SAEConfig', 'variant_id', 'FeatureOrder', 'by_feature',
            'SparseCodes', 'SAEOutput', 'SparseEncode', 'pair_dots_reference', 'private_op_works', 'pair_dots',
            'SparseDecode', 'ema_update_', 'mc_batch_threshold', 'fc_batch_thresholds', 'ranks_by_demand', 'SAE',
-           'geometric_median', 'dense_reference']
+           'geometric_median', 'encoder_gain', 'scale_encoder', 'dense_reference']
 
 # %% ../nbs/02_sae.ipynb #bbcaf23f
 KINDS = ALLOCATION_KINDS  # "topk" | "feature_choice" | "mutual_choice": an SAE is named by its allocation rule
@@ -430,6 +430,30 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
             return m_next
         m = m_next
     return m
+
+# %% ../nbs/02_sae.ipynb #e91a0002
+@torch.no_grad()
+def encoder_gain(sae: SAE, x: Tensor) -> float:
+    "Least-squares gain g of the bias-free reconstruction of a batch x [B, d]: argmin_g ||x - b_dec - g x_hat0||^2."
+    sae.check_input(x)
+    x = x.to(sae.W_enc.dtype)
+    aff = sae.affinities(x)  # [B, F]
+    alloc = sae.select(aff, "batch")
+    values = aff[alloc.token, alloc.feature]  # [nnz]
+    x_hat = sae.decode(SparseCodes(values, alloc), bias=False).double()  # [B, d]
+    target = (x - sae.b_dec).double()  # [B, d]
+    return ((target * x_hat).sum() / x_hat.pow(2).sum()).item()  # nan when nothing was selected
+
+
+@torch.no_grad()
+def scale_encoder(sae: SAE, x: Tensor) -> float:
+    "Scale W_enc and b_enc by encoder_gain on x [B, d] (the allocation is unchanged); returns the gain applied."
+    g = encoder_gain(sae, x)
+    if not math.isfinite(g) or g <= 0:
+        return 1.0
+    sae.W_enc.mul_(g)
+    sae.b_enc.mul_(g)
+    return g
 
 # %% ../nbs/02_sae.ipynb #0132f179
 CHECKPOINT_FORMAT = "mcsae-sae-v1"

@@ -25,17 +25,19 @@ from .losses import FeatureStats, aux_k_loss, aux_zipf_loss, nmse
 from .io import (UserError, atomic_dir, atomic_torch_save, atomic_write, check_field, clean_leftovers, commit_dir,
                       fault_point, is_int, is_number, is_temp_name, locked, writable_dir)
 from .models import resolve_device
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, scale_encoder
 from .store import provenance_mismatch
 
 # %% auto #0
-__all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'RUN_FILES', 'TrainConfig', 'BatchSource', 'TensorSource', 'CacheSource', 'lr_factor',
-           'input_scale', 'fold_input_scale', 'TrainingDiverged', 'Trainer', 'TrainingInterrupted', 'train',
-           'read_metrics']
+__all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'ENCODER_INITS', 'OUTLIER_ACTIONS', 'RUN_FILES', 'TrainConfig', 'BatchSource',
+           'TensorSource', 'CacheSource', 'lr_factor', 'input_scale', 'fold_input_scale', 'TrainingDiverged', 'Trainer',
+           'TrainingInterrupted', 'train', 'read_metrics']
 
 # %% ../nbs/08_train.ipynb #97b60e2e
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
 B_DEC_INITS = ("geometric_median", "mean", "zero")
+ENCODER_INITS = ("lstsq", "tied")
+OUTLIER_ACTIONS = ("clip", "drop")
 _RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")  # a plain folder name
 _INT_FIELDS = {"n_features": 2, "k": 1, "dead_tokens": 1, "n_tokens": 1, "batch_size": 1, "warmup_steps": 0,
                "rank_every": 1, "seed": 0, "log_every": 1, "checkpoint_every": 0}  # field -> smallest value
@@ -62,6 +64,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     rank_every: int = 100  # feature choice: steps between capacity re-rankings
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
+    encoder_init: str = "lstsq"  # W_enc = W_dec, then "lstsq": scaled by the least-squares gain on the first batch | "tied": not
+    outlier_norm: float = 0.0  # > 0: in training, limit tokens above this multiple of the first batch's median norm (0: off)
+    outlier_action: str = "clip"  # what outlier_norm does to such tokens: "clip" (scale onto the limit) | "drop" (leave out)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
@@ -88,6 +93,11 @@ class TrainConfig:
                     "a number > 0 (inf: no clipping)")
         check_field(self.aux in AUX_LOSSES, owner, "aux", self.aux, f"one of {AUX_LOSSES}")
         check_field(self.b_dec_init in B_DEC_INITS, owner, "b_dec_init", self.b_dec_init, f"one of {B_DEC_INITS}")
+        check_field(self.encoder_init in ENCODER_INITS, owner, "encoder_init", self.encoder_init, f"one of {ENCODER_INITS}")
+        check_field(is_number(self.outlier_norm) and (self.outlier_norm == 0 or 1 <= self.outlier_norm < math.inf), owner,
+                    "outlier_norm", self.outlier_norm, "0 (off) or a number >= 1 (a multiple of the median norm)")
+        check_field(self.outlier_action in OUTLIER_ACTIONS, owner, "outlier_action", self.outlier_action,
+                    f"one of {OUTLIER_ACTIONS}")
         check_field(isinstance(self.autocast, bool), owner, "autocast", self.autocast, "true or false")
         check_field(isinstance(self.name, str) and (self.name == "" or _RUN_NAME.fullmatch(self.name) is not None), owner,
                     "name", self.name, "a plain folder name (letters, digits, _ . + = -, not starting with . or -)")
@@ -219,16 +229,33 @@ class Trainer:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(), eps=cfg.adam_eps, fused=True)
         self.step_idx = 0
         self.scale = 1.0
+        self.max_norm = math.inf  # outlier limit on the scaled inputs (set by initialize when outlier_norm > 0)
+        self.encoder_gain = 1.0  # the least-squares gain initialize applied to the encoder (lstsq)
         self.last = {}
         self.saved_step = 0  # step of the last checkpoint written or read (0: none)
 
     def initialize(self, sample: Tensor) -> None:
-        "Set the input scale and b_dec from a sample of raw activations [N, d]."
+        "Set the input scale, the outlier limit, b_dec and (lstsq) the encoder's gain from a sample of raw activations [N, d]."
         self.sae.check_input(sample)
         sample = sample.to(self.device, torch.float32)
         self.scale = input_scale(sample)
+        x = sample * self.scale  # [N, d]
+        if self.cfg.outlier_norm > 0:
+            self.max_norm = self.cfg.outlier_norm * x.norm(dim=1).median().item()
+            x = self.limit_norms(x)
         if self.cfg.b_dec_init != "zero":
-            self.sae.init_b_dec(sample * self.scale, method=self.cfg.b_dec_init)
+            self.sae.init_b_dec(x, method=self.cfg.b_dec_init)
+        if self.cfg.encoder_init == "lstsq":
+            self.encoder_gain = scale_encoder(self.sae, x[: self.cfg.batch_size])
+
+    def limit_norms(self, x: Tensor) -> Tensor:
+        "Clip to max_norm, or drop, the tokens of a scaled batch x [B, d] whose norm exceeds it (outlier_norm > 0)."
+        if self.cfg.outlier_norm <= 0:
+            return x
+        norms = x.norm(dim=1, keepdim=True)  # [B, 1]
+        if self.cfg.outlier_action == "drop":
+            return x[norms.squeeze(1) <= self.max_norm]  # [B', d]
+        return x * (self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)  # [B, d], outliers rescaled onto the limit
 
     def _autocast(self):
         on_gpu = self.device.type == "cuda" and self.cfg.autocast
@@ -237,7 +264,7 @@ class Trainer:
     def step(self, x: Tensor) -> dict:
         "One optimiser step on raw activations x [B, d]; returns the step's metrics."
         cfg, sae = self.cfg, self.sae
-        x = x.to(self.device, torch.float32, non_blocking=True) * self.scale
+        x = self.limit_norms(x.to(self.device, torch.float32, non_blocking=True) * self.scale)
         for group in self.opt.param_groups:
             group["lr"] = cfg.learning_rate() * lr_factor(self.step_idx, cfg.n_steps, cfg.warmup_steps, cfg.decay_frac)
         sae.train()

@@ -1,6 +1,7 @@
 """The experiment and figure notebooks in nbs/experiments/ are papermill-ready: one cell tagged `parameters` that
 defines what `mcsae reproduce` injects, a markdown cell first, and nothing exported (they are not library code).
-Only parses JSON, so it is fast; `test_reproduce.py` runs them end to end."""
+Those checks only parse JSON; `test_reproduce.py` runs the reproduce notebooks end to end, and the last test here runs
+issue 11's regime study (run by hand, not by reproduce) at its smoke-size defaults."""
 import ast
 import json
 from pathlib import Path
@@ -23,7 +24,12 @@ def _constant(name: str) -> tuple:
 EXPERIMENTS, FIGURES = _constant("EXPERIMENTS"), _constant("FIGURES")
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 EXPECTED = {**{n: {"preset", "work_dir", "results_dir"} for n in EXPERIMENTS},
-            **{n: {"results_dir", "figures_dir"} for n in FIGURES}}
+            **{n: {"results_dir", "figures_dir"} for n in FIGURES},
+            "regime_study": {"results_dir", "figures_dir", "work_dir", "cache_tokens", "eval_fraction", "n_val", "n_features",
+                             "large_features", "batch_size", "steps", "dead_tokens", "init_features", "init_batch",
+                             "groups_to_run", "redraw_only"}}  # issue 11's study, run by hand (not by reproduce)
+REGIME_FIGURES = {"fig_h1_init", "fig_h1_training", "fig_h2_outliers", "fig_h3_warmup", "fig_h4_fc", "fig_h5_threshold",
+                  "fig_dead"}
 
 
 def _cells(path: Path) -> list[dict]:
@@ -65,3 +71,16 @@ def test_documented_and_not_exported(path):
         assert not any(line.startswith(("#| export", "#|export", "#| default_exp", "#| exporti")) for line in lines), \
             f"{path.name}: experiment notebooks are not library code"
         assert not c.get("outputs"), f"{path.name}: outputs committed (run nbdev_clean)"
+
+
+def test_regime_study_runs_at_its_smoke_size_defaults(tmp_path):
+    from mcsae.reproduce import run_notebook
+
+    params = {"results_dir": str(tmp_path / "data"), "figures_dir": str(tmp_path / "figures"), "work_dir": str(tmp_path / "work")}
+    run_notebook("regime_study", params, NB_DIR, tmp_path / "executed", progress=False)
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == REGIME_FIGURES
+    groups = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "data").glob("[A-Z]_*.json")}
+    assert set(groups) == {"A_init", "B_fixes", "C_aux", "C_ctrl", "D_fc"}
+    assert all(0 < r["val"]["nmse"] < 2 and 0 <= r["dead_frac"] <= 1 for g in groups.values() for r in g["runs"])
+    init = json.loads((tmp_path / "data" / "init.json").read_text())["rows"]
+    assert all(r["next_batch"]["nmse"] < 1.5 for r in init if r["encoder_init"] == "lstsq")  # the scaled start

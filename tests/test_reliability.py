@@ -371,7 +371,9 @@ TRAIN_BAD = [("--grad-clip", "-1", "grad_clip"), ("--dead-tokens", "-5", "dead_t
              ("--n-features", "0", "n_features"), ("--batch-size", "0", "batch_size"), ("--aux-alpha", "-1", "aux_alpha"),
              ("--zipf-s", "-1", "zipf_s"), ("--rank-every", "0", "rank_every"), ("--b-dec-init", "median", "b_dec_init"),
              ("--k-aux", "0", "k_aux"), ("--adam-eps", "-1", "adam_eps"), ("--n-tokens", "10", "n_tokens"),
-             ("--kind", "topq", "kind"), ("--aux", "aux_q", "aux"), ("--seed", "1.5", "seed"), ("--name", "../up", "name")]
+             ("--kind", "topq", "kind"), ("--aux", "aux_q", "aux"), ("--seed", "1.5", "seed"), ("--name", "../up", "name"),
+             ("--encoder-init", "orthogonal", "encoder_init"), ("--outlier-norm", "0.5", "outlier_norm"),
+             ("--outlier-action", "normalize", "outlier_action")]
 
 
 @pytest.mark.parametrize("option,value,field", TRAIN_BAD, ids=[f"{o}={v}" for o, v, _ in TRAIN_BAD])
