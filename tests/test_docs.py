@@ -1,0 +1,212 @@
+"""The documentation site (docs/build.py) and the stored-output tooling (docs/notebooks.py).
+
+The site is rendered from the notebooks as stored (nothing is executed, so this stays fast); every page must build,
+and every internal link, fragment and image of every page must resolve inside the site. The output normalisation
+and the staleness comparison are checked on hand-made outputs."""
+import importlib.util
+import itertools
+import json
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    "Load docs/NAME.py by path (`docs` is a folder of tools, not a package)."
+    sys.path.insert(0, str(ROOT / "docs"))
+    spec = importlib.util.spec_from_file_location(f"mcsae_docs_{name}", ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+build_mod = _load("build")
+nbtools = _load("notebooks")
+
+
+class _Refs(HTMLParser):
+    "Collects the ids, the links (a href) and the resources (img/script/link src or href) of one HTML page."
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.links, self.resources, self.imgs = set(), [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("name"):
+            self.ids.add(attrs["name"])
+        if tag == "a" and attrs.get("href") is not None:
+            self.links.append(attrs["href"])
+        elif tag in ("img", "script", "source") and attrs.get("src"):
+            self.resources.append(attrs["src"])
+            self.imgs += tag == "img"
+        elif tag == "link" and attrs.get("href"):
+            self.resources.append(attrs["href"])
+
+
+def _parse(path: Path) -> _Refs:
+    refs = _Refs()
+    refs.feed(path.read_text(encoding="utf-8"))
+    return refs
+
+
+def _broken(site: Path) -> list[str]:
+    "Every internal link, fragment or resource of the site that does not resolve, as 'page: url (why)'."
+    pages = {p: _parse(p) for p in site.rglob("*.html")}
+    problems = []
+    for page, refs in pages.items():
+        for url in refs.links + refs.resources:
+            parts = urlsplit(url)
+            if parts.scheme or parts.netloc:  # http(s):, mailto:, data: and //host are not the site's
+                continue
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if not target.is_relative_to(site.resolve()):
+                problems.append(f"{page.relative_to(site)}: {url} (outside the site)")
+            elif not target.is_file():
+                problems.append(f"{page.relative_to(site)}: {url} (no such file)")
+            elif parts.fragment and target.suffix == ".html":
+                ids = pages[target].ids if target in pages else _parse(target).ids
+                if parts.fragment not in ids and unquote(parts.fragment) not in ids:  # as browsers: raw, then decoded
+                    problems.append(f"{page.relative_to(site)}: {url} (no id {parts.fragment!r} in the page)")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site") / "_docs"
+    build_mod.build(out)
+    return out
+
+
+def test_every_page_builds(site):
+    nav = build_mod.site_pages()
+    assert nav[0].out == "index.html"
+    assert [p.src.name for p in nav[1:len(nbtools.chapters()) + 1]] == [p.name for p in nbtools.chapters()]
+    for page in nav:
+        text = (site / page.out).read_text(encoding="utf-8")
+        assert "<main>" in text and len(text) > 1000, page.out
+    assert (site / "style.css").is_file()
+
+
+def test_links_and_images_resolve(site):
+    assert _broken(site) == []
+
+
+def test_navigation_in_reading_order(site):
+    nav = build_mod.site_pages()
+    for i, page in enumerate(nav):
+        refs = _parse(site / page.out)
+        sidebar = [(site / Path(page.out).parent / u).resolve() for u in refs.links[1:len(nav) + 1]]
+        assert sidebar == [(site / p.out).resolve() for p in nav], page.out
+        pager = [(site / Path(page.out).parent / u).resolve() for u in refs.links[-2:]]
+        if i + 1 < len(nav):
+            assert pager[-1] == (site / nav[i + 1].out).resolve(), page.out
+        if i > 0:
+            assert (site / nav[i - 1].out).resolve() in pager, page.out
+
+
+def test_figures_page_shows_its_figures(site):
+    if not (ROOT / "figures" / "INDEX.md").exists():
+        pytest.skip("no figures/INDEX.md")
+    refs = _parse(site / "figures" / "index.html")
+    linked = {u for u in refs.links if u.endswith(".png")}
+    assert linked and linked <= set(refs.resources)
+
+
+_ids = itertools.count()
+
+
+def _nb(cells: list[dict]) -> dict:
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _md(text: str) -> dict:
+    return {"cell_type": "markdown", "id": f"m{next(_ids)}", "metadata": {}, "source": text}
+
+
+def _code(source: str, outputs=()) -> dict:
+    return {"cell_type": "code", "id": f"c{next(_ids)}", "metadata": {}, "source": source, "outputs": list(outputs),
+            "execution_count": None}
+
+
+def test_links_rewritten_and_files_copied(tmp_path):
+    "A small repository: notebook links become page links, a linked image is copied, a broken link is reported."
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "f.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "figures" / "INDEX.md").write_text("# Figures\n\nFiles: [f.png](f.png)\n")
+    (tmp_path / "README.md").write_text("# Demo\n\nSee [the first chapter](nbs/00_a.ipynb).\n")
+    png = {"output_type": "display_data", "metadata": {},
+           "data": {"image/png": "iVBORw0KGgo=\n", "text/plain": ["<Figure size 1x1 with 0 Axes>"]}}
+    a = _nb([_md("# A\n\nNext: [B](01_b.ipynb#Part-two); ![fig](../figures/f.png)"),
+             _code("#| export\nx = 1", [png]), _code("#| hide\nsecret = 2"), _code("import nbdev; nbdev.nbdev_export()")])
+    b = _nb([_md("# B\n\n## Part two\n\n[missing](nowhere.ipynb), [home](../README.md)")])
+    (tmp_path / "nbs" / "00_a.ipynb").write_text(json.dumps(a))
+    (tmp_path / "nbs" / "01_b.ipynb").write_text(json.dumps(b))
+    out = tmp_path / "_docs"
+    pages = build_mod.build(out, root=tmp_path)
+    assert [p.out for p in pages] == ["index.html", "00_a.html", "01_b.html", "figures/index.html"]
+    page_a = (out / "00_a.html").read_text()
+    assert 'href="01_b.html#Part-two"' in page_a and 'src="figures/f.png"' in page_a
+    assert "#| export" not in page_a and "secret" not in page_a and "nbdev_export" not in page_a
+    assert "data:image/png;base64" in page_a  # output images are embedded
+    assert (out / "figures" / "f.png").is_file()
+    assert _broken(out) == ["01_b.html: nowhere.ipynb (no such file)"]
+    # a second build replaces the first; a folder the builder did not make is never replaced
+    build_mod.build(out, root=tmp_path)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        build_mod.build(other, root=tmp_path)
+    assert (other / "notes.txt").read_text() == "keep"
+
+
+def test_normalise_removes_addresses_timings_and_local_paths():
+    text = (f"<Foo object at 0x7f3a9c2b10d0> id 0x7f3a9c2b10d0\n"
+            f"loaded {ROOT}/nbs/x.pt\n"
+            "train:  40%|####      | 4/10 [00:01<00:02,  3.10it/s]\rtrain: 100%|##########| 10/10 [00:02<00:00, 4.2it/s]\n"
+            "Wall time: 1.23 s\n"
+            "Generating train split: 0 examples [00:00, ? examples/s]\rGenerating train split: 2 examples [00:00, 40.74 examples/s]")
+    assert nbtools.normalise(text) == ("<Foo object> id 0x…\nloaded <repo>/nbs/x.pt\n"
+                                       "train: 100%|##########| 10/10 […<…, … it/s]\nWall time: …\n"
+                                       "Generating train split: 2 examples […, … examples/s]")
+    assert nbtools.normalise(nbtools.normalise(text)) == nbtools.normalise(text)
+
+
+def test_stale_cells_named_and_images_compared_loosely():
+    def stream(text):
+        return {"output_type": "stream", "name": "stdout", "text": [text]}
+
+    def image(data, plain="<Figure size 640x480 with 1 Axes>"):
+        return {"output_type": "display_data", "metadata": {}, "data": {"image/png": data, "text/plain": [plain]}}
+
+    stored = _nb([_md("# T"), _code("print(1)", [stream("1\n")]), _code("plot()", [image("AAAA")]),
+                  _code("warn()", [{"output_type": "stream", "name": "stderr", "text": ["old warning\n"]}])])
+    fresh = json.loads(json.dumps(stored))
+    fresh["cells"][2]["outputs"] = [image("BBBB")]     # other pixels: not stale
+    fresh["cells"][3]["outputs"] = []                  # stderr: not compared
+    assert nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh) == []
+    fresh["cells"][1]["outputs"] = [stream("2\n")]
+    fresh["cells"][2]["outputs"] = []                  # an image that disappeared is stale
+    messages = nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)
+    assert len(messages) == 2
+    assert messages[0].startswith("nbs/t.ipynb cell 1 (id c") and "-1\n" in messages[0] and "+2\n" in messages[0]
+    assert "cell 2" in messages[1] and "(no output)" in messages[1]
+
+
+def test_skipped_cells_follow_nbdev_test():
+    flags = {"notest", "slow", "gpu"}
+    assert nbtools.skipped(_code("#| slow\nrun()"), flags)
+    assert nbtools.skipped(_code("#| eval: false\nrun()"), flags)
+    assert nbtools.skipped(_code("import nbdev; nbdev.nbdev_export()"), flags)
+    assert nbtools.skipped(_md("text"), flags)
+    assert not nbtools.skipped(_code("#| export\nrun()"), flags)
