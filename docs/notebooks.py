@@ -2,6 +2,7 @@
 
     python docs/notebooks.py store [NB ...] [--n_workers 2]   # execute in place and keep the outputs (`make outputs`)
     python docs/notebooks.py check [NB ...] [--n_workers 2]   # re-execute; fail on an exception or a stale output
+                                     [--flags 'slow']         # also run the cells flagged slow (as nbdev_test --flags)
 
 Without NB arguments both take the documentation notebooks: every `nbs/*.ipynb` (sorted by name, `index.ipynb`
 included, names starting with `_` or `.` left out), the set `nbdev_test` runs with `recursive = False`.
@@ -24,6 +25,8 @@ text/latex) of results and displays. It does not compare
   where none is), and a figure's text/plain (`<Figure size 640x480 with 2 Axes>`) is compared like any text;
 * stderr: warnings and progress bars, whose wording depends on library versions; it is stored (normalised) for
   the reader but not compared.
+A cell marked `#| volatile` (a timing, clearly labelled in the text as one machine's measurement) is run and its
+output stored, but never compared.
 Refresh stale outputs with `make outputs` (or `make docs`, which also renders the site) and commit the notebooks.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 INDEX_NB = "index.ipynb"
 REFRESH = "make outputs"
+VOLATILE = "volatile"  # `#| volatile`: a cell whose output is one machine's measurement; stored, never compared
 
 # Run in the notebook's shell before its first cell; not stored.
 PRELUDE = """\
@@ -172,7 +176,7 @@ def stale_cells(nb_path: Path, stored, fresh) -> list[str]:
     "One message per code cell whose compared outputs differ between the `stored` and the `fresh` notebook."
     messages = []
     for index, (old, new) in enumerate(zip(stored["cells"], fresh["cells"])):
-        if old["cell_type"] != "code":
+        if old["cell_type"] != "code" or VOLATILE in directives(old):
             continue
         want, got = comparable(old.get("outputs", [])), comparable(new.get("outputs", []))
         if want != got:
@@ -192,19 +196,23 @@ def _skip_flags() -> set[str]:
     return set(get_config().tst_flags.split())
 
 
+def directives(cell) -> dict[str, list[str]]:
+    "The `#| ...` directives of a code cell, parsed by nbdev (`{'export': [], 'eval:': ['false']}`)."
+    from fastcore.basics import AttrDict
+    from nbdev.process import extract_directives
+    return extract_directives(AttrDict(cell_type="code", source="".join(cell["source"])), remove=False) or {}
+
+
 def skipped(cell, flags: set[str]) -> bool:
     "True for a cell `nbdev_test` does not run: markdown, flagged with a test flag, `eval: false`, `nbdev_export()`."
     if cell["cell_type"] != "code":
         return True
-    source = "".join(cell["source"])
-    if "nbdev_export" + "(" in source:
+    if "nbdev_export" + "(" in "".join(cell["source"]):
         return True
-    from fastcore.basics import AttrDict
-    from nbdev.process import extract_directives
-    directives = extract_directives(AttrDict(cell_type="code", source=source), remove=False) or {}
-    if directives.get("eval:", [""])[0].lower() == "false":
+    directives_ = directives(cell)
+    if directives_.get("eval:", [""])[0].lower() == "false":
         return True
-    return bool(flags & directives.keys())
+    return bool(flags & directives_.keys())
 
 
 def _clean(nb) -> None:
@@ -216,8 +224,10 @@ def _clean(nb) -> None:
              cfg.clean_ids)
 
 
-def execute(nb_path: Path):
-    "Execute the notebook at `nb_path` like nbdev_test; the notebook with normalised outputs, or a message on an exception."
+def execute(nb_path: Path, force: set[str] = frozenset()):
+    """Execute the notebook at `nb_path` like nbdev_test; the notebook with normalised outputs, or a message on an exception.
+
+    Cells flagged with one of `force` run too (as `nbdev_test --flags`) but keep no output: flagged cells never have one."""
     from execnb.nbio import read_nb
     from execnb.shell import CaptureShell
 
@@ -235,14 +245,17 @@ def execute(nb_path: Path):
             continue
         cell["execution_count"] = None
         cell["outputs"] = []
-        if skipped(cell, flags):
+        if skipped(cell, flags - force):
             continue
         shell.cell(cell)
         if shell.exc is not None:
             import traceback
             tb = "".join(traceback.format_exception(type(shell.exc), shell.exc, shell.exc.__traceback__))
             return None, f"{_cell_label(nb_path, index, cell)} raised {type(shell.exc).__name__}:\n{normalise(tb)}"
-        normalise_outputs(cell["outputs"])
+        if skipped(cell, flags):  # a forced flagged cell: it ran, but keeps no output
+            cell["outputs"] = []
+        else:
+            normalise_outputs(cell["outputs"])
     _clean(nb)
     return nb, None
 
@@ -251,7 +264,7 @@ def _child(mode: str, nb_path: Path) -> int:
     "Execute one notebook; store it or check it. Exit status 0 ok, 1 stale outputs, 2 an exception."
     from execnb.nbio import read_nb, write_nb
     nb_path = nb_path.resolve()
-    fresh, error = execute(nb_path)
+    fresh, error = execute(nb_path, set(os.environ.get("MCSAE_NB_FLAGS", "").split()))
     if error:
         print(error)
         return 2
@@ -267,8 +280,8 @@ def _child(mode: str, nb_path: Path) -> int:
 
 # ---------------------------------------------------------------- driver
 
-def _run_one(mode: str, nb_path: Path) -> tuple[Path, int, str, float]:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _run_one(mode: str, nb_path: Path, flags: str = "") -> tuple[Path, int, str, float]:
+    env = {**os.environ, "MCSAE_NB_FLAGS": flags, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     start = time.time()
     proc = subprocess.run([sys.executable, __file__, "_child", mode, str(nb_path)], cwd=ROOT, env=env,
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path,
                         help="notebooks to run (default: every nbs/*.ipynb); `_child` takes the mode and one notebook")
     parser.add_argument("--n_workers", type=int, default=2, help="notebooks executed at the same time (default 2)")
+    parser.add_argument("--flags", default="", help="check only: space-separated test flags whose cells run anyway "
+                                                    "(as nbdev_test --flags, e.g. 'slow'); their outputs are not stored")
     args = parser.parse_args(argv)
     if args.mode == "_child":
         return _child(str(args.notebooks[0]), args.notebooks[1])
@@ -293,13 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"no such notebook: {', '.join(missing)}; pass paths like nbs/01_sae.ipynb", file=sys.stderr)
         return 2
+    if args.flags and args.mode == "store":
+        print("--flags is for check only: flagged cells keep no stored output", file=sys.stderr)
+        return 2
     if args.n_workers < 1:
         print(f"--n_workers must be at least 1, got {args.n_workers}", file=sys.stderr)
         return 2
     start = time.time()
     failed = []
     with ThreadPoolExecutor(args.n_workers) as pool:
-        for path, status, output, seconds in pool.map(lambda p: _run_one(args.mode, p), paths):
+        for path, status, output, seconds in pool.map(lambda p: _run_one(args.mode, p, args.flags), paths):
             verdict = {0: "ok", 1: "STALE OUTPUTS", 2: "FAILED"}.get(status, f"FAILED (exit status {status})")
             print(f"{_rel(path)}: {verdict} ({seconds:.0f} s)", flush=True)
             if output.strip():

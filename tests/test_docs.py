@@ -201,6 +201,8 @@ def test_stale_cells_named_and_images_compared_loosely():
     assert len(messages) == 2
     assert messages[0].startswith("nbs/t.ipynb cell 1 (id c") and "-1\n" in messages[0] and "+2\n" in messages[0]
     assert "cell 2" in messages[1] and "(no output)" in messages[1]
+    stored["cells"][1]["source"] = fresh["cells"][1]["source"] = "#| volatile\nprint(time())"  # one machine's timing
+    assert len(nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)) == 1
 
 
 def test_skipped_cells_follow_nbdev_test():
@@ -210,3 +212,36 @@ def test_skipped_cells_follow_nbdev_test():
     assert nbtools.skipped(_code("import nbdev; nbdev.nbdev_export()"), flags)
     assert nbtools.skipped(_md("text"), flags)
     assert not nbtools.skipped(_code("#| export\nrun()"), flags)
+
+
+def test_nbdev_clean_keeps_outputs(tmp_path):
+    "With this repo's settings (clear_all = False) nbdev_clean keeps outputs and drops counts and volatile metadata."
+    import subprocess
+    result = {"output_type": "execute_result", "execution_count": 3, "metadata": {},
+              "data": {"text/plain": ["<Foo at 0x7f3a9c2b10d0>"]}}
+    cell = {**_code("Foo()", [result]), "execution_count": 3, "metadata": {"ExecuteTime": {"end": "2026"}, "tags": ["t"]}}
+    nb = {**_nb([cell]), "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}, "widgets": {},
+                                      "language_info": {"version": "3.11.7"}}}
+    path = tmp_path / "t.ipynb"
+    path.write_text(json.dumps(nb))
+    subprocess.run(["nbdev_clean", "--fname", str(path)], cwd=ROOT, check=True, capture_output=True)
+    cleaned = json.loads(path.read_text())
+    out = cleaned["cells"][0]
+    assert out["execution_count"] is None and out["metadata"] == {"tags": ["t"]}
+    assert out["outputs"] == [{**result, "execution_count": None, "data": {"text/plain": ["<Foo>"]}}]
+    assert "language_info" not in cleaned["metadata"]
+
+
+def test_home_page_from_index_notebook(tmp_path):
+    "With nbs/index.ipynb the home page is that notebook (not a chapter), and links to README.md lead to it."
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "README.md").write_text("# Demo\n")
+    (tmp_path / "nbs" / "index.ipynb").write_text(json.dumps(_nb([_md("# Welcome\n\nStart with [A](00_a.ipynb).")])))
+    (tmp_path / "nbs" / "00_a.ipynb").write_text(json.dumps(_nb([_md("# A\n\n[home](../README.md)")])))
+    pages = build_mod.build(tmp_path / "site", root=tmp_path)
+    assert [(p.src.name, p.out, p.title) for p in pages] == [("index.ipynb", "index.html", "Welcome"),
+                                                             ("00_a.ipynb", "00_a.html", "A")]
+    assert 'href="index.html">home</a>' in (tmp_path / "site" / "00_a.html").read_text()
+    assert _broken(tmp_path / "site") == []
+    assert [p.name for p in nbtools.notebooks(tmp_path / "nbs")] == ["00_a.ipynb", "index.ipynb"]
+    assert [p.name for p in nbtools.chapters(tmp_path / "nbs")] == ["00_a.ipynb"]
