@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import notebooks as nbtools  # noqa: E402  (docs/notebooks.py: which notebooks are chapters)
+import notebooks as nbtools  # docs/notebooks.py: which notebooks are chapters
 
 ROOT = nbtools.ROOT
 MARKER = ".mcsae-docs"  # marks a folder this builder made, so that it may replace it
@@ -53,7 +53,7 @@ def _title(src: Path) -> str:
         text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     else:
         text = src.read_text(encoding="utf-8")
-    match = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.M)
+    match = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
     return match.group(1).strip() if match else src.stem
 
 
@@ -211,7 +211,7 @@ def show_linked_images(body: str) -> str:
         imgs = re.findall(r'href="([^"]+\.(?:png|svg|jpe?g))"', match.group(0))
         figs = "".join(f'<p class="figure"><img src="{src}" alt="{src}"></p>' for src in dict.fromkeys(imgs))
         return match.group(0) + figs
-    return re.sub(r"<p>(?:(?!</p>).)*?</p>", add, body, flags=re.S)
+    return re.sub(r"<p>(?:(?!</p>).)*?</p>", add, body, flags=re.DOTALL)
 
 
 # ---------------------------------------------------------------- page layout

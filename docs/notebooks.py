@@ -93,7 +93,7 @@ _SUBS = [
     (re.compile(r"\d+(?:\.\d+)?\s*([A-Za-z]+/s|s/[A-Za-z]+)\b"), r"… \1"),  # progress-bar rates (it/s, examples/s)
     (re.compile(r"\d+:\d\d(?::\d\d)?<(?:\d+:\d\d(?::\d\d)?|\?)"), "…<…"),   # progress-bar elapsed<remaining
     (re.compile(r"\[\d+:\d\d(?::\d\d)?,"), "[…,"),                             # progress-bar elapsed alone
-    (re.compile(r"^(CPU times|Wall time):.*$", re.M), r"\1: …"),            # %time
+    (re.compile(r"^(CPU times|Wall time):.*$", re.MULTILINE), r"\1: …"),            # %time
 ]
 
 
@@ -191,11 +191,6 @@ def stale_cells(nb_path: Path, stored, fresh) -> list[str]:
 
 # ---------------------------------------------------------------- execution (in a child process)
 
-def _skip_flags() -> set[str]:
-    from nbdev.config import get_config
-    return set(get_config().tst_flags.split())
-
-
 def directives(cell) -> dict[str, list[str]]:
     "The `#| ...` directives of a code cell, parsed by nbdev (`{'export': [], 'eval:': ['false']}`)."
     from fastcore.basics import AttrDict
@@ -215,11 +210,9 @@ def skipped(cell, flags: set[str]) -> bool:
     return bool(flags & directives_.keys())
 
 
-def _clean(nb) -> None:
-    "Clean `nb` with nbdev_clean's own function and this repo's settings, so that `nbdev_clean` is a no-op on it."
+def _clean(nb, cfg) -> None:
+    "Clean `nb` with nbdev_clean's own function and the settings `cfg`, so that `nbdev_clean` is a no-op on it."
     from nbdev.clean import clean_nb
-    from nbdev.config import get_config
-    cfg = get_config()
     clean_nb(nb, False, cfg.get("allowed_metadata_keys").split(), cfg.get("allowed_cell_metadata_keys").split(),
              cfg.clean_ids)
 
@@ -230,11 +223,13 @@ def execute(nb_path: Path, force: set[str] = frozenset()):
     Cells flagged with one of `force` run too (as `nbdev_test --flags`) but keep no output: flagged cells never have one."""
     from execnb.nbio import read_nb
     from execnb.shell import CaptureShell
+    from nbdev.config import get_config
 
     os.environ["IN_TEST"] = "1"
     nb_path = nb_path.resolve()
     nb = read_nb(nb_path)
-    flags = _skip_flags()
+    cfg = get_config(path=ROOT)  # this repository's settings.ini, wherever the notebook is
+    flags = set(cfg.tst_flags.split())
     os.chdir(nb_path.parent)
     shell = CaptureShell(nb_path)
     shell.run(PRELUDE)
@@ -256,7 +251,7 @@ def execute(nb_path: Path, force: set[str] = frozenset()):
             cell["outputs"] = []
         else:
             normalise_outputs(cell["outputs"])
-    _clean(nb)
+    _clean(nb, cfg)
     return nb, None
 
 
@@ -273,6 +268,10 @@ def _child(mode: str, nb_path: Path) -> int:
         return 0
     stored = read_nb(nb_path)
     messages = stale_cells(nb_path, stored, fresh)
+    if messages and not any(cell.get("outputs") for cell in stored["cells"]):
+        print(f"{_rel(nb_path)} is stored without outputs (code cells that print or show something now: "
+              f"{len(messages)}); execute it with `{REFRESH}` and commit it")
+        return 1
     for message in messages:
         print(message)
     return 1 if messages else 0
@@ -285,7 +284,7 @@ def _run_one(mode: str, nb_path: Path, flags: str = "") -> tuple[Path, int, str,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     start = time.time()
     proc = subprocess.run([sys.executable, __file__, "_child", mode, str(nb_path)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     return nb_path, proc.returncode, proc.stdout, time.time() - start
 
 

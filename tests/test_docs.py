@@ -1,8 +1,5 @@
-"""The documentation site (docs/build.py) and the stored-output tooling (docs/notebooks.py).
-
-The site is rendered from the notebooks as stored (nothing is executed, so this stays fast); every page must build,
-and every internal link, fragment and image of every page must resolve inside the site. The output normalisation
-and the staleness comparison are checked on hand-made outputs."""
+"""The documentation site (docs/build.py): rendered from the notebooks as stored (nothing is executed, so this stays
+fast), every page must build, and every internal link, fragment and image of every page must resolve inside the site."""
 import importlib.util
 import itertools
 import json
@@ -168,68 +165,6 @@ def test_links_rewritten_and_files_copied(tmp_path):
     with pytest.raises(FileExistsError):
         build_mod.build(other, root=tmp_path)
     assert (other / "notes.txt").read_text() == "keep"
-
-
-def test_normalise_removes_addresses_timings_and_local_paths():
-    text = (f"<Foo object at 0x7f3a9c2b10d0> id 0x7f3a9c2b10d0\n"
-            f"loaded {ROOT}/nbs/x.pt\n"
-            "train:  40%|####      | 4/10 [00:01<00:02,  3.10it/s]\rtrain: 100%|##########| 10/10 [00:02<00:00, 4.2it/s]\n"
-            "Wall time: 1.23 s\n"
-            "Generating train split: 0 examples [00:00, ? examples/s]\rGenerating train split: 2 examples [00:00, 40.74 examples/s]")
-    assert nbtools.normalise(text) == ("<Foo object> id 0x…\nloaded <repo>/nbs/x.pt\n"
-                                       "train: 100%|##########| 10/10 […<…, … it/s]\nWall time: …\n"
-                                       "Generating train split: 2 examples […, … examples/s]")
-    assert nbtools.normalise(nbtools.normalise(text)) == nbtools.normalise(text)
-
-
-def test_stale_cells_named_and_images_compared_loosely():
-    def stream(text):
-        return {"output_type": "stream", "name": "stdout", "text": [text]}
-
-    def image(data, plain="<Figure size 640x480 with 1 Axes>"):
-        return {"output_type": "display_data", "metadata": {}, "data": {"image/png": data, "text/plain": [plain]}}
-
-    stored = _nb([_md("# T"), _code("print(1)", [stream("1\n")]), _code("plot()", [image("AAAA")]),
-                  _code("warn()", [{"output_type": "stream", "name": "stderr", "text": ["old warning\n"]}])])
-    fresh = json.loads(json.dumps(stored))
-    fresh["cells"][2]["outputs"] = [image("BBBB")]     # other pixels: not stale
-    fresh["cells"][3]["outputs"] = []                  # stderr: not compared
-    assert nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh) == []
-    fresh["cells"][1]["outputs"] = [stream("2\n")]
-    fresh["cells"][2]["outputs"] = []                  # an image that disappeared is stale
-    messages = nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)
-    assert len(messages) == 2
-    assert messages[0].startswith("nbs/t.ipynb cell 1 (id c") and "-1\n" in messages[0] and "+2\n" in messages[0]
-    assert "cell 2" in messages[1] and "(no output)" in messages[1]
-    stored["cells"][1]["source"] = fresh["cells"][1]["source"] = "#| volatile\nprint(time())"  # one machine's timing
-    assert len(nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)) == 1
-
-
-def test_skipped_cells_follow_nbdev_test():
-    flags = {"notest", "slow", "gpu"}
-    assert nbtools.skipped(_code("#| slow\nrun()"), flags)
-    assert nbtools.skipped(_code("#| eval: false\nrun()"), flags)
-    assert nbtools.skipped(_code("import nbdev; nbdev.nbdev_export()"), flags)
-    assert nbtools.skipped(_md("text"), flags)
-    assert not nbtools.skipped(_code("#| export\nrun()"), flags)
-
-
-def test_nbdev_clean_keeps_outputs(tmp_path):
-    "With this repo's settings (clear_all = False) nbdev_clean keeps outputs and drops counts and volatile metadata."
-    import subprocess
-    result = {"output_type": "execute_result", "execution_count": 3, "metadata": {},
-              "data": {"text/plain": ["<Foo at 0x7f3a9c2b10d0>"]}}
-    cell = {**_code("Foo()", [result]), "execution_count": 3, "metadata": {"ExecuteTime": {"end": "2026"}, "tags": ["t"]}}
-    nb = {**_nb([cell]), "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}, "widgets": {},
-                                      "language_info": {"version": "3.11.7"}}}
-    path = tmp_path / "t.ipynb"
-    path.write_text(json.dumps(nb))
-    subprocess.run(["nbdev_clean", "--fname", str(path)], cwd=ROOT, check=True, capture_output=True)
-    cleaned = json.loads(path.read_text())
-    out = cleaned["cells"][0]
-    assert out["execution_count"] is None and out["metadata"] == {"tags": ["t"]}
-    assert out["outputs"] == [{**result, "execution_count": None, "data": {"text/plain": ["<Foo>"]}}]
-    assert "language_info" not in cleaned["metadata"]
 
 
 def test_home_page_from_index_notebook(tmp_path):
