@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 INDEX_NB = "index.ipynb"
 REFRESH = "make outputs"
+STALE = 3  # a child's exit status for stale outputs (2: a cell raised; 1 would be an uncaught error in the tool)
 VOLATILE = "volatile"  # `#| volatile`: a cell whose output is one machine's measurement; stored, never compared
 
 # Run in the notebook's shell before its first cell; not stored.
@@ -87,12 +88,12 @@ def _path_subs() -> list[tuple[str, str]]:
 _PATHS = _path_subs()
 _TMP = re.escape(tempfile.gettempdir())
 _SUBS = [
-    (re.compile(r"(<[^<>]*?) at 0x[0-9a-fA-F]+(>)"), r"\1\2"),            # object reprs, as nbdev_clean does
-    (re.compile(r"\b0x[0-9a-fA-F]{8,}\b"), "0x…"),                          # other addresses
-    (re.compile(_TMP + r"/(tmp|pytest-of-)[\w.-]+"), "/tmp/tmp…"),          # temp folders
-    (re.compile(r"\d+(?:\.\d+)?\s*([A-Za-z]+/s|s/[A-Za-z]+)\b"), r"… \1"),  # progress-bar rates (it/s, examples/s)
-    (re.compile(r"\d+:\d\d(?::\d\d)?<(?:\d+:\d\d(?::\d\d)?|\?)"), "…<…"),   # progress-bar elapsed<remaining
-    (re.compile(r"\[\d+:\d\d(?::\d\d)?,"), "[…,"),                             # progress-bar elapsed alone
+    (re.compile(r"(<[^<>]*?) at 0x[0-9a-fA-F]+(>)"), r"\1\2"),                      # object reprs, as nbdev_clean does
+    (re.compile(r"\b0x[0-9a-fA-F]{8,}\b"), "0x…"),                                  # other addresses
+    (re.compile(_TMP + r"/(tmp|pytest-of-)[\w.-]+"), "/tmp/tmp…"),                  # temp folders
+    (re.compile(r"\d+(?:\.\d+)?\s*([A-Za-z]+/s|s/[A-Za-z]+)\b"), r"… \1"),          # progress-bar rates (it/s, examples/s)
+    (re.compile(r"\d+:\d\d(?::\d\d)?<(?:\d+:\d\d(?::\d\d)?|\?)"), "…<…"),           # progress-bar elapsed<remaining
+    (re.compile(r"\[\d+:\d\d(?::\d\d)?,"), "[…,"),                                  # progress-bar elapsed alone
     (re.compile(r"^(CPU times|Wall time):.*$", re.MULTILINE), r"\1: …"),            # %time
 ]
 
@@ -161,8 +162,9 @@ def comparable(outputs: list) -> list[str]:
 
 
 def _cell_label(nb_path: Path, index: int, cell) -> str:
+    "How messages name a cell: its position counted from 1 among all cells, its id and its first line of code."
     first = next((line for line in "".join(cell["source"]).splitlines() if line and not line.startswith("#|")), "")
-    return f"{_rel(nb_path)} cell {index} (id {cell.get('id', '?')}): {first[:60]!r}"
+    return f"{_rel(nb_path)} cell {index + 1} (id {cell.get('id', '?')}): {first[:60]!r}"
 
 
 def _rel(path: Path) -> str:
@@ -256,7 +258,7 @@ def execute(nb_path: Path, force: set[str] = frozenset()):
 
 
 def _child(mode: str, nb_path: Path) -> int:
-    "Execute one notebook; store it or check it. Exit status 0 ok, 1 stale outputs, 2 an exception."
+    "Execute one notebook; store it or check it. Exit status 0 ok, 3 stale outputs, 2 an exception in a cell."
     from execnb.nbio import read_nb, write_nb
     nb_path = nb_path.resolve()
     fresh, error = execute(nb_path, set(os.environ.get("MCSAE_NB_FLAGS", "").split()))
@@ -271,10 +273,10 @@ def _child(mode: str, nb_path: Path) -> int:
     if messages and not any(cell.get("outputs") for cell in stored["cells"]):
         print(f"{_rel(nb_path)} is stored without outputs (code cells that print or show something now: "
               f"{len(messages)}); execute it with `{REFRESH}` and commit it")
-        return 1
+        return STALE
     for message in messages:
         print(message)
-    return 1 if messages else 0
+    return STALE if messages else 0
 
 
 # ---------------------------------------------------------------- driver
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     with ThreadPoolExecutor(args.n_workers) as pool:
         for path, status, output, seconds in pool.map(lambda p: _run_one(args.mode, p, args.flags), paths):
-            verdict = {0: "ok", 1: "STALE OUTPUTS", 2: "FAILED"}.get(status, f"FAILED (exit status {status})")
+            verdict = {0: "ok", STALE: "STALE OUTPUTS", 2: "FAILED"}.get(status, f"FAILED (exit status {status})")
             print(f"{_rel(path)}: {verdict} ({seconds:.0f} s)", flush=True)
             if output.strip():
                 print(output.rstrip() + "\n", flush=True)
@@ -325,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((path, status))
     print(f"{len(paths)} notebooks in {time.time() - start:.0f} s")
     if failed:
-        stale = [_rel(p) for p, s in failed if s == 1]
-        broken = [_rel(p) for p, s in failed if s != 1]
+        stale = [_rel(p) for p, s in failed if s == STALE]
+        broken = [_rel(p) for p, s in failed if s != STALE]
         if broken:
             print(f"Failed (an exception, see above): {', '.join(broken)}", file=sys.stderr)
         if stale:

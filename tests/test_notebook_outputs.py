@@ -60,8 +60,8 @@ def test_stale_cells_named_and_images_compared_loosely():
     fresh["cells"][2]["outputs"] = []                  # an image that disappeared is stale
     messages = nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)
     assert len(messages) == 2
-    assert messages[0].startswith("nbs/t.ipynb cell 1 (id c") and "-1\n" in messages[0] and "+2\n" in messages[0]
-    assert "cell 2" in messages[1] and "(no output)" in messages[1]
+    assert messages[0].startswith("nbs/t.ipynb cell 2 (id c") and "-1\n" in messages[0] and "+2\n" in messages[0]
+    assert "cell 3" in messages[1] and "(no output)" in messages[1]
     stored["cells"][1]["source"] = fresh["cells"][1]["source"] = "#| volatile\nprint(time())"  # one machine's timing
     assert len(nbtools.stale_cells(Path("nbs/t.ipynb"), stored, fresh)) == 1
 
@@ -102,7 +102,7 @@ def test_store_then_check_end_to_end(tmp_path, capsys):
     (tmp_path / "bad.ipynb").write_text(bad_text := json.dumps(bad))
     assert nbtools.main(["store", str(tmp_path / "good.ipynb"), str(tmp_path / "bad.ipynb")]) == 1
     out = capsys.readouterr().out
-    assert "bad.ipynb cell 2 (id c" in out and "raised ValueError" in out and "broken on purpose" in out
+    assert "bad.ipynb cell 3 (id c" in out and "raised ValueError" in out and "broken on purpose" in out
     assert (tmp_path / "bad.ipynb").read_text() == bad_text
     stored = json.loads((tmp_path / "good.ipynb").read_text())
     seeded, flagged, result = (c["outputs"] for c in stored["cells"][1:])
@@ -114,5 +114,5 @@ def test_store_then_check_end_to_end(tmp_path, capsys):
     assert nbtools.main(["check", str(tmp_path / "good.ipynb"), str(tmp_path / "stale.ipynb")]) == 1
     out = capsys.readouterr()
     assert "good.ipynb: ok" in out.out and "stale.ipynb: STALE OUTPUTS" in out.out
-    assert "stale.ipynb cell 3 (id c" in out.out and "-3\n" in out.out and "+2\n" in out.out
+    assert "stale.ipynb cell 4 (id c" in out.out and "-3\n" in out.out and "+2\n" in out.out
     assert "make outputs" in out.err
