@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_workers", type=int, default=2, help="notebooks executed at the same time (default 2)")
     parser.add_argument("--flags", default="", help="check only: space-separated test flags whose cells run anyway "
                                                     "(as nbdev_test --flags, e.g. 'slow'); their outputs are not stored")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come before or after the notebooks
     if args.mode == "_child":
         return _child(str(args.notebooks[0]), args.notebooks[1])
     paths = args.notebooks or notebooks()

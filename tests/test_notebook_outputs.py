@@ -111,7 +111,8 @@ def test_store_then_check_end_to_end(tmp_path, capsys):
     stale = json.loads(json.dumps(stored))
     stale["cells"][3]["outputs"][0]["data"]["text/plain"] = ["3"]
     (tmp_path / "stale.ipynb").write_text(json.dumps(stale))
-    assert nbtools.main(["check", str(tmp_path / "good.ipynb"), str(tmp_path / "stale.ipynb")]) == 1
+    # --flags slow runs the slow cell too, as nbdev_test --flags does; its output is not compared (none is stored)
+    assert nbtools.main(["check", "--flags", "slow", str(tmp_path / "good.ipynb"), str(tmp_path / "stale.ipynb")]) == 1
     out = capsys.readouterr()
     assert "good.ipynb: ok" in out.out and "stale.ipynb: STALE OUTPUTS" in out.out
     assert "stale.ipynb cell 4 (id c" in out.out and "-3\n" in out.out and "+2\n" in out.out
