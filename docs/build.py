@@ -27,6 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import notebooks as nbtools  # docs/notebooks.py: which notebooks are chapters
@@ -165,7 +166,7 @@ class Site:
         if not url or _EXTERNAL.match(url):
             return url
         path, hash_, fragment = html.unescape(url).partition("#")
-        path = path.split("?")[0]
+        path = unquote(path.split("?")[0])  # `my%20figure.png` names `my figure.png`
         target = (page.src.parent / path).resolve()
         if not target.is_relative_to(self.root) or not target.exists():
             return url  # left as written: tests/test_docs.py reports it
@@ -181,7 +182,7 @@ class Site:
                 (self.out / dest).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(target, self.out / dest)
                 self.copied.add(dest)
-        return html.escape(_rel_url(dest, page.out) + hash_ + fragment)
+        return html.escape(quote(_rel_url(dest, page.out)) + hash_ + fragment)
 
     def rewrite(self, body: str, page: Page) -> str:
         return _ATTR.sub(lambda m: m.group(1) + self.link(m.group(2), page) + m.group(3), body)

@@ -139,11 +139,12 @@ def test_links_rewritten_and_files_copied(tmp_path):
     (tmp_path / "nbs").mkdir()
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "f.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "figures" / "f 2.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "figures" / "INDEX.md").write_text("# Figures\n\nFiles: [f.png](f.png)\n")
     (tmp_path / "README.md").write_text("# Demo\n\nSee [the first chapter](nbs/00_a.ipynb).\n")
     png = {"output_type": "display_data", "metadata": {},
            "data": {"image/png": "iVBORw0KGgo=\n", "text/plain": ["<Figure size 1x1 with 0 Axes>"]}}
-    a = _nb([_md("# A\n\nNext: [B](01_b.ipynb#Part-two); ![fig](../figures/f.png)"),
+    a = _nb([_md("# A\n\nNext: [B](01_b.ipynb#Part-two); ![fig](../figures/f.png) ![two](../figures/f%202.png)"),
              _code("#| export\nx = 1", [png]), _code("#| hide\nsecret = 2"), _code("import nbdev; nbdev.nbdev_export()")])
     b = _nb([_md("# B\n\n## Part two\n\n[missing](nowhere.ipynb), [home](../README.md)")])
     (tmp_path / "nbs" / "00_a.ipynb").write_text(json.dumps(a))
@@ -155,7 +156,8 @@ def test_links_rewritten_and_files_copied(tmp_path):
     assert 'href="01_b.html#Part-two"' in page_a and 'src="figures/f.png"' in page_a
     assert "#| export" not in page_a and "secret" not in page_a and "nbdev_export" not in page_a
     assert "data:image/png;base64" in page_a  # output images are embedded
-    assert (out / "figures" / "f.png").is_file()
+    assert (out / "figures" / "f.png").is_file() and (out / "figures" / "f 2.png").is_file()
+    assert 'src="figures/f%202.png"' in page_a
     assert _broken(out) == ["01_b.html: nowhere.ipynb (no such file)"]
     # a second build replaces the first; a folder the builder did not make is never replaced
     build_mod.build(out, root=tmp_path)
