@@ -9,7 +9,7 @@ PRESET ?= cpu
 # apt-get needs root: plain as root (CI containers), through sudo otherwise
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test check reproduce bench browser
+.PHONY: install test check reproduce bench browser outputs docs
 
 install:
 	$(PIP) install -q torch==2.13.0   # CPU wheel; install it before anything that depends on torch
@@ -33,9 +33,17 @@ browser:
 	    chromium chromium-driver; }
 	@$(PY) -c "import selenium" 2>/dev/null || $(PIP) install -q "selenium>=4.20"
 
+# docs/notebooks.py check runs the notebooks as nbdev_test does and also fails when a stored output is stale.
 test: install check browser
-	nbdev_test --n_workers 2
+	$(PY) docs/notebooks.py check --n_workers 2
 	MCSAE_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadfile tests  # loadfile: the smoke reproduce fixture runs once, not once per worker
+
+# Re-execute the notebooks and store their outputs (commit them); `docs` also renders the site into _docs/.
+outputs: install
+	$(PY) docs/notebooks.py store --n_workers 2
+
+docs: outputs
+	$(PY) docs/build.py --out _docs
 
 reproduce: install
 	mcsae reproduce --preset $(PRESET)

@@ -86,3 +86,11 @@ def test_outlier_limit_in_training_and_resume(tmp_path, action):
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError, match="TrainConfig"):
         TrainConfig(**bad)
+
+
+def test_static_step_refuses_the_outlier_limit():
+    from mcsae.static import StaticStep
+
+    t = Trainer(TrainConfig(n_features=64, k=4, n_tokens=256, batch_size=256, outlier_norm=3.0), 24, "/tmp/x")
+    with pytest.raises(ValueError, match="outlier_norm"):
+        StaticStep(t, 256)
