@@ -20,6 +20,13 @@ Implementations (``--impl``):
                       exactly one step of mcsae training (aux="none").  Run with the project's
                       interpreter (``--mcsae-python``, PYTHONPATH=repo root); rows say
                       "skipped: ..." when mcsae.train is not importable.
+  mcsae-{topk,fc,mc}-static
+                      the same training step through mcsae.static.StaticStep (fixed slots, no host
+                      sync), run eagerly.
+  mcsae-{topk,fc,mc}-compiled
+                      StaticStep compiled with torch.compile(fullgraph=True, dynamic=False); on CUDA
+                      with mode="reduce-overhead" (CUDA graphs) unless --compile-mode says otherwise.
+                      The first (warm-up) step includes the compilation: see the first_step_s column.
 
 On a GPU (``--device cuda``) every row runs under bf16 autocast around its forward pass
 (sparsify autocasts by itself; ``--no-autocast`` for fp32 elsewhere), with fp32 parameters and
@@ -51,7 +58,9 @@ SYSTEM_PY = "/root/.pyenv/versions/3.11.7/bin/python3"
 ANCHORS = ["sparsify-topk", "saelens-topk", "saelens-batchtopk"]
 OPTIONAL = ["saelens-topk-sparse"]
 MCSAE = {"mcsae-topk": "topk", "mcsae-fc": "feature_choice", "mcsae-mc": "mutual_choice"}
-ALL_IMPLS = ["matmul", *ANCHORS, *OPTIONAL, *MCSAE]
+MCSAE_STEP = {f"{name}-{step}": (kind, step) for name, kind in MCSAE.items() for step in ("static", "compiled")}
+MCSAE_STEP.update({name: (kind, "eager") for name, kind in MCSAE.items()})
+ALL_IMPLS = ["matmul", *ANCHORS, *OPTIONAL, *MCSAE, *(n for n in MCSAE_STEP if n not in MCSAE)]
 DEFAULT_IMPLS = ["matmul", *ANCHORS, *MCSAE]
 REFERENCE = "sparsify-topk"
 
@@ -199,7 +208,7 @@ def build_saelens(torch, F, d, k, first_x, device="cpu", autocast=False, batchto
     return step, n_params, note
 
 
-def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False):
+def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False, step_kind="eager", compile_mode=None):
     # Exactly what mcsae training runs per batch: mcsae.train.Trainer.step (scale the input, forward,
     # nmse (aux="none"), backward, remove_parallel_grads, clip_grad_norm_, Adam, normalize_decoder,
     # FeatureStats.update), after Trainer.initialize (input scale, b_dec = geometric median).
@@ -215,9 +224,23 @@ def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False):
     def step(x):
         return trainer.step(x)["nmse"]
 
+    note = f"Trainer.step kind={kind}, Adam fused={trainer.opt.defaults.get('fused')}"
+    if step_kind != "eager":  # the same step through mcsae.static: fixed slots, no host sync
+        from mcsae.static import StaticStep
+
+        static = StaticStep(trainer, B)
+        if step_kind == "compiled":
+            mode = compile_mode if compile_mode is not None else ("reduce-overhead" if device.startswith("cuda") else None)
+            static.compiled(mode=None if mode in (None, "default") else mode)
+            note = f"StaticStep compiled (fullgraph, static shapes, mode={mode}) kind={kind}"
+        else:
+            note = f"StaticStep eager kind={kind}"
+
+        def step(x):  # noqa: F811
+            return static.step(x)[0]
+
     n_params = sum(p.numel() for p in trainer.sae.parameters())
-    fused = trainer.opt.defaults.get("fused")
-    return step, n_params, f"Trainer.step kind={kind}, Adam fused={fused}" + (", bf16 autocast" if autocast else "")
+    return step, n_params, note + (", bf16 autocast" if autocast else "")
 
 
 # --------------------------------------------------------------------------- worker
@@ -251,12 +274,16 @@ def worker(args) -> dict:
                 torch, F, args.d, args.k, batches[0], **kw,
                 batchtopk=impl == "saelens-batchtopk", sparse=impl == "saelens-topk-sparse",
             )
-        elif impl in MCSAE:
+        elif impl in MCSAE_STEP:
+            kind, step_kind = MCSAE_STEP[impl]
             try:
                 import mcsae.train  # noqa: F401
+                if step_kind != "eager":
+                    import mcsae.static  # noqa: F401
             except Exception as e:
-                return {**res, "status": f"skipped: mcsae.train not available ({type(e).__name__}: {e})"}
-            step, n_params, note = build_mcsae(torch, F, args.d, args.k, batches[0], MCSAE[impl], **kw)
+                return {**res, "status": f"skipped: mcsae not available ({type(e).__name__}: {e})"}
+            step, n_params, note = build_mcsae(torch, F, args.d, args.k, batches[0], kind, **kw, step_kind=step_kind,
+                                               compile_mode=args.compile_mode)
         else:
             return {**res, "status": f"skipped: unknown impl {impl}"}
     except ImportError as e:
@@ -271,6 +298,7 @@ def worker(args) -> dict:
     rss_before = rss_mib()
     load_start = os.getloadavg()[0]
     times, losses = [], []
+    first_step_s = None
     t_start = time.perf_counter()
     n_total = args.warmup + args.steps
     for i in range(n_total):
@@ -280,6 +308,8 @@ def worker(args) -> dict:
         loss = step(x)
         sync()
         dt = time.perf_counter() - t0
+        if i == 0:
+            first_step_s = dt  # includes compilation for the compiled rows
         if i >= args.warmup:
             times.append(dt)
         if impl != "matmul" and (i == 0 or i == n_total - 1):
@@ -302,6 +332,7 @@ def worker(args) -> dict:
         rss_before_steps_mib=rss_before,
         peak_rss_mib=maxrss_mib(),
         step_peak_delta_mib=maxrss_mib() - rss_before,
+        first_step_s=first_step_s,
         loss_first=losses[0] if losses else None,
         loss_last=losses[-1] if losses else None,
         loadavg_start=load_start,  # 1-min load average: >> threads means contended timings
@@ -316,7 +347,7 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- parent
 def interpreter_for(impl: str, args) -> tuple[str, dict]:
     env = dict(os.environ)
-    if impl in MCSAE:
+    if impl in MCSAE_STEP:
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return args.mcsae_python, env
     return args.anchor_python, env
@@ -328,7 +359,8 @@ def run_one(impl: str, F: int, args) -> dict:
            "--batch", str(args.batch), "--d", str(args.d), "--k", str(args.k),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--min-steps", str(args.min_steps),
            "--time-budget", str(args.time_budget), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--device", args.device] + (["--no-autocast"] if args.no_autocast else [])
+           "--device", args.device] + (["--no-autocast"] if args.no_autocast else []) + (
+               ["--compile-mode", args.compile_mode] if args.compile_mode else [])
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -346,11 +378,11 @@ def fmt_table(results: list[dict]) -> str:
     ref = {r["features"]: r["median_ms"] for r in results if r["impl"] == REFERENCE and r.get("status") == "ok"}
     mm = {r["features"]: r["median_ms"] for r in results if r["impl"] == "matmul" and r.get("status") == "ok"}
     head = ("| impl | F | median ms | IQR ms | steps | tokens/s | vs sparsify-topk | step / enc-matmul "
-            "| peak mem MiB | step peak Δ MiB | threads | loss first→last |")
+            "| peak mem MiB | step peak Δ MiB | threads | first step s | loss first→last |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         if r.get("status") != "ok":
-            lines.append(f"| {r['impl']} | {r['features']} | {r.get('status')} |" + " |" * 9)
+            lines.append(f"| {r['impl']} | {r['features']} | {r.get('status')} |" + " |" * 10)
             continue
         F, med = r["features"], r["median_ms"]
         vs = f"{med / ref[F]:.2f}×" if F in ref else "–"
@@ -361,7 +393,7 @@ def fmt_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['impl']} | {F} | {med:.1f} | {r['q25_ms']:.1f}–{r['q75_ms']:.1f} | {r['steps']} "
             f"| {r['tokens_per_s']:,.0f} | {vs} | {vm} | {peak:.0f}{' (GPU)' if gpu else ''} "
-            f"| {delta:.0f} | {r['threads']} | {loss} |"
+            f"| {delta:.0f} | {r['threads']} | {r.get('first_step_s') or 0:.1f} | {loss} |"
         )
     return "\n".join(lines)
 
@@ -384,6 +416,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on CUDA every row runs bf16 autocast "
                     "around the forward pass (sparsify does so itself) unless --no-autocast")
     ap.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA (sparsify still autocasts)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the mcsae-*-compiled rows (default: reduce-overhead on CUDA, "
+                         "default on CPU; 'default' forces the plain mode)")
     ap.add_argument("--anchor-python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable,
                     help="interpreter for matmul/sparsify/SAE Lens rows (default: benchmarks/.venv)")
     ap.add_argument("--mcsae-python", default=SYSTEM_PY if Path(SYSTEM_PY).exists() else sys.executable,

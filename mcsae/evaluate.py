@@ -197,8 +197,8 @@ def _splice_fn(sae: SAE, mode: str, keep: Tensor):
 # %% ../nbs/09_evaluate.ipynb #b93692a0
 def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] | None = None, eval_tokens: int = 65_536,
                  batch_size: int | None = None, downstream_contexts: int = 32, device: str = "cpu",
-                 progress: bool = True) -> dict:
-    "Evaluate the SAE in run_dir on an activation cache's held-out split; write run_dir/eval.json."
+                 progress: bool = True, sae: SAE | None = None) -> dict:
+    "Evaluate the SAE in run_dir (or `sae`, e.g. an imported one) on a cache's held-out split; write run_dir/eval.json."
     run_dir = Path(run_dir)
     if not (is_int(eval_tokens) and eval_tokens >= 1):
         raise UserError(f"eval_tokens (--eval-tokens) must be an integer >= 1, got {eval_tokens!r}")
@@ -206,8 +206,9 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
         raise UserError(f"downstream_contexts (--downstream-contexts) must be an integer >= 0, got {downstream_contexts!r}")
     if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
         raise UserError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
-    sae = SAE.load(run_dir / "sae.safetensors", device=device)
-    meta = _metadata(run_dir / "sae.safetensors")
+    ckpt = run_dir / "sae.safetensors"
+    sae = SAE.load(ckpt, device=device) if sae is None else sae.to(device)
+    meta = _metadata(ckpt) if ckpt.exists() else {}
     if sae.cfg.d_in != cache.d_model:
         raise UserError(f"the SAE in {run_dir} takes d_in={sae.cfg.d_in} but the cache holds d_model={cache.d_model}")
     diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
@@ -222,7 +223,8 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
     b = min(bs, len(x))
     batches = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
     res = {"run": str(run_dir), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
-           "modes": {m: reconstruction_metrics(sae, batches, mode=m) for m in modes}, **training_statistics(run_dir)}
+           "modes": {m: reconstruction_metrics(sae, batches, mode=m) for m in modes},
+           **(training_statistics(run_dir) if ckpt.exists() else {})}
     if downstream_contexts:
         if model is None:
             model, _ = load_model(cache.manifest["model"], device=device)

@@ -334,7 +334,7 @@ class Trainer:
         return sae.save(self.out_dir / "sae.safetensors", metadata=summary)
 
 # %% ../nbs/08_train.ipynb #47921d22
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "feature_stats.pt", "sae.safetensors", "eval.json")  # what mcsae writes
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "feature_stats.pt", "sae.safetensors", "eval.json", "wandb")  # what mcsae writes
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -343,8 +343,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-          stop_after: int | None = None, comm=None) -> list[Path]:
-    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs."
+          stop_after: int | None = None, wandb: str | None = None, comm=None) -> list[Path]:
+    "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs (wandb: a W&B project)."
     # comm (mcsae.distributed): this process trains on its share of each global batch; rank 0 alone writes files
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not cfgs:
@@ -369,7 +369,7 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
             return str(folder)
 
         folder = Path(prepare() if comm is None else _on_rank0(comm, prepare))  # rank 0 alone locks and writes
-        return _train_locked(cfgs, source, folder, resume, overwrite, device, progress, stop_after, comm)
+        return _train_locked(cfgs, source, folder, resume, overwrite, device, progress, stop_after, wandb, comm)
 
 
 def _same_configs(comm, cfgs: list[TrainConfig]) -> None:
@@ -424,7 +424,8 @@ def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
 
 
 def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, resume: bool, overwrite: bool,
-                  device: torch.device, progress: bool, stop_after: int | None, comm=None) -> list[Path]:
+                  device: torch.device, progress: bool, stop_after: int | None, wandb: str | None = None,
+                  comm=None) -> list[Path]:
     "train() once its run folders are locked."
     writer = comm is None or comm.rank == 0  # the process that writes files
 
@@ -450,7 +451,7 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
             comm.attach(t)  # checks that every rank runs the same config and that the batch splits across them
     try:
         if trainers:
-            _run(trainers, source, resume, progress, stop_after, comm)
+            _run(trainers, source, resume, progress, stop_after, wandb, comm)
         for t in trainers:
             if not writer:
                 if stop_after is None or stop_after >= t.cfg.n_steps:
@@ -476,8 +477,8 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
 
 
 def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: bool, stop_after: int | None,
-         comm=None) -> None:
-    "Feed one stream of batches to the trainers, from the first batch one of them has not seen."
+         wandb: str | None = None, comm=None) -> None:
+    "Feed one stream of batches to the trainers, from the first batch one of them has not seen (and log to W&B)."
     B, n_steps, seed = trainers[0].cfg.batch_size, trainers[0].cfg.n_steps, trainers[0].cfg.seed
     writer = comm is None or comm.rank == 0
     sharded = comm is not None and getattr(source, "sharded", False)  # the source yields this rank's share itself
@@ -494,6 +495,7 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
             _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
     start = min(t.step_idx for t in trainers)
     stream = source.batches(share, seed=seed, start=start)
+    runs = _wandb_runs(wandb if writer else None, trainers)  # [None, ...] without a project (and on ranks other than 0)
     bar = tqdm(total=n_steps, initial=start, disable=not (progress and writer), desc=f"training {len(trainers)} SAE(s)")
     try:
         for step in range(start, n_steps):
@@ -502,12 +504,12 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
             x = next(stream)
             if comm is not None and not sharded:
                 x = comm.local_batch(x)  # [B / world, d]: this rank's share
-            for t in trainers:
+            for t, run in zip(trainers, runs):
                 if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
                     continue
                 m = t.step(x)
                 if writer and (t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps):
-                    _log(t, m)
+                    _log(t, m, run)
                 if writer and t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
                     t.save_checkpoint()
                     fault_point(f"checkpoint:{t.cfg.name}:{t.step_idx}")
@@ -517,6 +519,9 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
             bar.update(1)
     finally:
         bar.close()
+        for run in runs:
+            if run is not None:
+                run.finish()
 
 
 def _where(trainers: list[Trainer], staged: dict) -> str:
@@ -533,12 +538,30 @@ def _where(trainers: list[Trainer], staged: dict) -> str:
     return f"training stopped at step {step} of {trainers[0].cfg.n_steps}: " + ", ".join(parts)
 
 
-def _log(t: Trainer, m: dict) -> None:
-    "Append one metrics line (with the dead fraction) to metrics.jsonl."
+def _log(t: Trainer, m: dict, run=None) -> None:
+    "Append one metrics line (with the dead fraction) to metrics.jsonl, and the same line to a W&B run if given."
     line = {**m, "dead_frac": t.stats.dead().float().mean().item(), "time": time.time()}
     t.out_dir.mkdir(parents=True, exist_ok=True)
     with open(t.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
+    if run is not None:
+        run.log(line, step=line["step"])
+
+
+def _wandb_runs(project: str | None, trainers: list[Trainer]) -> list:
+    "One Weights & Biases run per trainer, named like its run folder (all None without a project; wandb is optional)."
+    if project is None:
+        return [None] * len(trainers)
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    runs = []
+    for t in trainers:
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        runs.append(wandb.init(project=project, name=t.cfg.name, config=asdict(t.cfg), dir=str(t.out_dir),
+                               reinit="create_new"))
+    return runs
 
 
 def _metrics_lines(path: Path) -> list[dict]:

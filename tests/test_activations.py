@@ -14,14 +14,7 @@ from mcsae.models import ActivationConfig, load_model
 from mcsae.store import CacheError, activation_batches, build_cache, open_cache, shuffle_batches, take_rows
 from tiny import tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Small CPU forward passes run fastest on one thread (and far faster on a busy machine)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

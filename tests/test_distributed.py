@@ -334,6 +334,9 @@ def test_cli_torchrun(tmp_path):
                             "--parallel", "features"], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and again.stderr.startswith("mcsae: error: --parallel features trains one SAE")
     assert len(again.stderr.strip().splitlines()) == 1
+    logged = subprocess.run([sys.executable, "-m", "mcsae", *features, "--wandb", "p"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert logged.returncode == 2 and logged.stderr.startswith("mcsae: error: --wandb does not log feature-parallel")
 
 
 def test_feature_parallel_refuses_aux_losses():
