@@ -35,7 +35,7 @@ optimizer state, and the memory columns report ``torch.cuda.max_memory_allocated
 Example:
   benchmarks/.venv/bin/python benchmarks/bench_step.py --features 6144 24576 \
       --batch 4096 --d 768 --k 32 --steps 10 --json benchmarks/results.json
-  python3 benchmarks/bench_step.py --device cuda --anchor-python python3 --mcsae-python python3
+  python3 benchmarks/bench_step.py --device cuda --baseline-python python3 --mcsae-python python3
 """
 from __future__ import annotations
 
@@ -53,15 +53,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV_PY = HERE / ".venv" / "bin" / "python"
-SYSTEM_PY = "/root/.pyenv/versions/3.11.7/bin/python3"
 
-ANCHORS = ["sparsify-topk", "saelens-topk", "saelens-batchtopk"]
+BASELINES = ["sparsify-topk", "saelens-topk", "saelens-batchtopk"]
 OPTIONAL = ["saelens-topk-sparse"]
 MCSAE = {"mcsae-topk": "topk", "mcsae-fc": "feature_choice", "mcsae-mc": "mutual_choice"}
 MCSAE_STEP = {f"{name}-{step}": (kind, step) for name, kind in MCSAE.items() for step in ("static", "compiled")}
 MCSAE_STEP.update({name: (kind, "eager") for name, kind in MCSAE.items()})
-ALL_IMPLS = ["matmul", *ANCHORS, *OPTIONAL, *MCSAE, *(n for n in MCSAE_STEP if n not in MCSAE)]
-DEFAULT_IMPLS = ["matmul", *ANCHORS, *MCSAE]
+ALL_IMPLS = ["matmul", *BASELINES, *OPTIONAL, *MCSAE, *(n for n in MCSAE_STEP if n not in MCSAE)]
+DEFAULT_IMPLS = ["matmul", *BASELINES, *MCSAE]
 REFERENCE = "sparsify-topk"
 
 
@@ -350,7 +349,7 @@ def interpreter_for(impl: str, args) -> tuple[str, dict]:
     if impl in MCSAE_STEP:
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return args.mcsae_python, env
-    return args.anchor_python, env
+    return args.baseline_python, env
 
 
 def run_one(impl: str, F: int, args) -> dict:
@@ -419,10 +418,10 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the mcsae-*-compiled rows (default: reduce-overhead on CUDA, "
                          "default on CPU; 'default' forces the plain mode)")
-    ap.add_argument("--anchor-python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable,
+    ap.add_argument("--baseline-python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable,
                     help="interpreter for matmul/sparsify/SAE Lens rows (default: benchmarks/.venv)")
-    ap.add_argument("--mcsae-python", default=SYSTEM_PY if Path(SYSTEM_PY).exists() else sys.executable,
-                    help="interpreter for mcsae rows (run with PYTHONPATH=repo root)")
+    ap.add_argument("--mcsae-python", default=sys.executable,
+                    help="interpreter for mcsae rows (run with PYTHONPATH=repo root; default: this one)")
     ap.add_argument("--json", help="write all results to this JSON file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-features", type=int, help=argparse.SUPPRESS)
@@ -445,7 +444,7 @@ def main(argv=None):
         f"{args.device} ({next((r['gpu'] for r in results if 'gpu' in r), '?')}), "
         + ("fp32" if args.no_autocast else "bf16 autocast, fp32 parameters"))
     print(f"\nB={args.batch} d={args.d} k={args.k} {where}; warm-up {args.warmup}; "
-          f"anchors: {args.anchor_python}; mcsae: {args.mcsae_python}\n")
+          f"sparsify/SAE Lens: {args.baseline_python}; mcsae: {args.mcsae_python}\n")
     print(fmt_table(results))
     loads = [r[k] for r in results for k in ("loadavg_start", "loadavg_end") if k in r]
     if loads:

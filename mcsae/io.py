@@ -159,7 +159,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    "Read tensors and metadata from a safetensors file; UserError if missing or corrupt."
+    "Read tensors and metadata from a safetensors file; a missing or corrupt file raises UserError (a ValueError), never FileNotFoundError."
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: check the path (a run folder holds sae.safetensors once training finished)")
