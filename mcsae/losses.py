@@ -20,17 +20,25 @@ __all__ = ['nmse', 'aux_zipf_loss', 'aux_k_loss', 'aux_loss_reference', 'ZipfFit
            'FeatureStats']
 
 # %% ../nbs/03_losses.ipynb #6fa9ee7d
-def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
-    "Normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."
+def _spread(v: Tensor, comm=None) -> Tensor:
+    "sum ||v - mean(v)||^2 over the batch, or over the global batch of mcsae.distributed's comm (0-d, no autograd)."
+    with torch.no_grad():
+        if comm is None:
+            return (v - v.mean(0)).pow(2).sum()
+        mean = comm.all_reduce(v.sum(0), "sum") / comm.global_tokens(v.shape[0])  # [d] global mean
+        return comm.all_reduce((v - mean).pow(2).sum(), "sum")
+
+
+def nmse(x: Tensor, x_hat: Tensor, comm=None) -> Tensor:
+    "Normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (this rank's share of it, given comm)."
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-    with torch.no_grad():  # the denominator is a constant of the data
-        total = (x - x.mean(0)).pow(2).sum()
+    total = _spread(x, comm)  # the denominator is a constant of the data
     return F.mse_loss(x_hat, x, reduction="sum") / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 # %% ../nbs/03_losses.ipynb #46cd07ca
 def aux_zipf_loss(sae: SAE, x: Tensor, out: SAEOutput, weights: Tensor, k_aux: int | None = None,
-                  alpha: float = 1 / 32) -> Tensor:
+                  alpha: float = 1 / 32, comm=None) -> Tensor:
     "alpha * ||e - e_hat||^2 / ||e - mean(e)||^2, e_hat decoded from the top k_aux of weights * z' per token."
     if weights.shape != (sae.cfg.n_features,):
         raise ValueError(f"weights must have shape [{sae.cfg.n_features}], got {tuple(weights.shape)}")
@@ -42,13 +50,13 @@ def aux_zipf_loss(sae: SAE, x: Tensor, out: SAEOutput, weights: Tensor, k_aux: i
     alloc = topk_allocation(out.affinities * weights, k_aux)  # top k_aux of w * z' per token (w > 0, z' > 0)
     values = sae.code_values(x.to(sae.W_enc.dtype), alloc, out.affinities) * weights[alloc.feature]  # [nnz]
     e_hat = sae.decode(SparseCodes(values, alloc), bias=False)  # [B, d]
-    return alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
+    return alpha * (e - e_hat).pow(2).sum() / _spread(e, comm).clamp_min(torch.finfo(e.dtype).tiny)
 
 
 def aux_k_loss(sae: SAE, x: Tensor, out: SAEOutput, dead: Tensor, k_aux: int | None = None,
-               alpha: float = 1 / 32) -> Tensor:
+               alpha: float = 1 / 32, comm=None) -> Tensor:
     "AuxK loss of Gao et al. 2024: aux_zipf_loss with weight 1 on dead features and 0 elsewhere."
-    return aux_zipf_loss(sae, x, out, dead.to(out.affinities.dtype), k_aux, alpha)
+    return aux_zipf_loss(sae, x, out, dead.to(out.affinities.dtype), k_aux, alpha, comm)
 
 # %% ../nbs/03_losses.ipynb #65cd75de
 def aux_loss_reference(sae: SAE, x: Tensor, x_hat: Tensor, weights: Tensor, k_aux: int, alpha: float = 1 / 32) -> Tensor:
@@ -113,6 +121,7 @@ class FeatureStats(nn.Module):
     def __init__(self, n_features: int, dead_tokens: int = 10_000_000, ema_decay: float = 0.99, rho: float = 0.1):
         super().__init__()
         self.dead_tokens, self.ema_decay, self.rho = dead_tokens, ema_decay, rho
+        self.comm = None  # set by mcsae.distributed: count over a process group's global batch
         self.register_buffer("density", torch.zeros(n_features, dtype=torch.float64))  # [F]
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.long))  # [F]
         self.register_buffer("n_tokens", torch.zeros((), dtype=torch.long))  # tokens seen
@@ -123,6 +132,8 @@ class FeatureStats(nn.Module):
         "Count one batch of codes."
         n_tok = codes.alloc.n_tokens
         fired = codes.feature_order().offsets.diff()  # [F] tokens per feature (counted by the forward pass already)
+        if self.comm is not None:  # the global batch of mcsae.distributed's process group
+            n_tok, fired = self.comm.global_tokens(n_tok), self.comm.all_reduce(fired, "sum")
         beta = (self.n_batches > 0).double() * self.ema_decay  # 0-d float64 tensor: no host sync on a GPU
         self.density.mul_(beta).add_((1 - beta) * fired.double() / n_tok)
         self.tokens_since_fired.add_(n_tok).masked_fill_(fired.to(self.density.device) > 0, 0)

@@ -225,14 +225,22 @@ def mc_batch_threshold(aff: Tensor, vals: Tensor) -> Tensor:
     return vals.min() if vals.numel() else aff.max()
 
 
-def fc_batch_thresholds(aff: Tensor, alloc: Allocation, vals: Tensor, caps: Tensor) -> Tensor:
+def _same(t: Tensor, op: str) -> Tensor:
+    "t itself: the reduction over one process."
+    return t
+
+
+def fc_batch_thresholds(aff: Tensor, alloc: Allocation, vals: Tensor, caps: Tensor, reduce=None) -> Tensor:
     "Feature Choice's thresholds of a batch: per feature the caps[i]-th largest affinity of its column, [F]."
+    # reduce(t, 'sum' | 'min' | 'max'): over the ranks of mcsae.distributed's process group (caps: the global batch's)
+    reduce = _same if reduce is None else reduce
     theta = torch.full(caps.shape, math.inf, dtype=vals.dtype, device=vals.device).scatter_reduce(0, alloc.feature, vals, "amin")
-    n_sel = torch.bincount(alloc.feature, minlength=caps.numel())  # [F]
+    theta = reduce(theta, "min")
+    n_sel = reduce(torch.bincount(alloc.feature, minlength=caps.numel()), "sum")  # [F]
     theta = torch.where(n_sel < caps, torch.zeros_like(theta), theta)  # column ran out of positives
     off = caps == 0
     if off.any():
-        theta[off] = aff[:, off].max(0).values.to(theta.dtype)  # m_i = 0: stay off
+        theta[off] = reduce(aff[:, off].max(0).values.to(theta.dtype), "max")  # m_i = 0: stay off
     return theta
 
 # %% ../nbs/02_sae.ipynb #e88178d5
@@ -263,6 +271,7 @@ class SAE(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))  # training batches seen
         self._capacity_cache: dict = {}
         self.provenance: dict = {}  # the activations it was trained on (model, hook, corpus, d_model), set by load
+        self.comm = None  # set by mcsae.distributed: allocate and track statistics over a process group's global batch
 
     # ---- input checks -------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
@@ -296,6 +305,8 @@ class SAE(nn.Module):
         "Which (token, feature) pairs are active, from affinities aff [B, F]."
         if mode not in ("batch", "threshold"):
             raise ValueError(f"mode must be 'batch' or 'threshold', got {mode!r}")
+        if mode == "batch" and self.comm is not None:
+            return self.comm.select(self, aff)  # over the global batch of the process group
         if mode == "batch" or self.cfg.kind == "topk":
             if self.cfg.kind == "topk":
                 return allocate(aff, "topk", k=self.cfg.k)
@@ -347,10 +358,15 @@ class SAE(nn.Module):
         beta, gamma = later * cfg.ema_decay, later * cfg.threshold_decay  # float64, like the Python floats they stand for
         vals = codes.values.detach().to(self.thresholds.dtype)  # [nnz] (bf16 under autocast)
         if cfg.kind == "mutual_choice":
-            ema_update_(self.thresholds, mc_batch_threshold(aff, vals), gamma)
+            theta = mc_batch_threshold(aff, vals) if self.comm is None else self.comm.mc_threshold(aff, vals)  # 0-d
+            ema_update_(self.thresholds, theta, gamma)
         elif cfg.kind == "feature_choice":
-            ema_update_(self.thresholds, fc_batch_thresholds(aff, codes.alloc, vals, self.capacities(aff.shape[0])), gamma)
-            ema_update_(self.demand, (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype), beta)  # column sums [F]
+            n_tokens, reduce = aff.shape[0], None
+            if self.comm is not None:  # the global batch's capacities, thresholds and column sums
+                n_tokens, reduce = self.comm.global_tokens(n_tokens), self.comm.all_reduce
+            ema_update_(self.thresholds, fc_batch_thresholds(aff, codes.alloc, vals, self.capacities(n_tokens), reduce), gamma)
+            column_sums = (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype)  # [F]
+            ema_update_(self.demand, column_sums if reduce is None else reduce(column_sums, "sum"), beta)
             if int(self.step) % cfg.rank_every == 0:
                 self.ranks.copy_(ranks_by_demand(self.demand))
         self.step += 1

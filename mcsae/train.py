@@ -233,6 +233,7 @@ class Trainer:
         self.encoder_gain = 1.0  # the least-squares gain initialize applied to the encoder (lstsq)
         self.last = {}
         self.saved_step = 0  # step of the last checkpoint written or read (0: none)
+        self.comm = None  # set by mcsae.distributed: this trainer holds one share of a process group's global batch
 
     def initialize(self, sample: Tensor) -> None:
         "Set the input scale, the outlier limit, b_dec and (lstsq) the encoder's gain from a sample of raw activations [N, d]."
@@ -270,23 +271,32 @@ class Trainer:
         sae.train()
         with self._autocast():
             out = sae(x)
-            loss_rec = nmse(x, out.x_hat.float())
+            loss_rec = nmse(x, out.x_hat.float(), self.comm)
             loss_aux = self.aux_loss(x, out)
         loss = loss_rec + loss_aux
-        nmse_value, aux_value, loss_value = torch.stack([loss_rec, loss_aux.float(), loss]).detach().tolist()  # one sync
+        if self.comm is None:
+            nmse_value, aux_value, loss_value = torch.stack([loss_rec, loss_aux.float(), loss]).detach().tolist()  # one sync
+            nnz, n_tokens = out.codes.alloc.feature.numel(), x.shape[0]
+        else:  # the global batch's losses and selected pairs are the sums of the ranks' shares
+            nnz = loss.new_tensor(out.codes.alloc.feature.numel(), dtype=torch.float64)
+            values = torch.stack([loss_rec.double(), loss_aux.double(), loss.double(), nnz]).detach()
+            nmse_value, aux_value, loss_value, nnz = self.comm.all_reduce(values, "sum").tolist()  # one sync
+            n_tokens = self.comm.global_tokens(x.shape[0])
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"{cfg.name}: loss is {loss_value} at step {self.step_idx} "
                                    f"(nmse {nmse_value}, aux {aux_value}); the last checkpoint in {self.out_dir} is intact")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.comm is not None:
+            self.comm.sum_gradients(sae)  # the global loss's gradient: the sum of the ranks' shares
         sae.remove_parallel_grads()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.opt.step()
         sae.normalize_decoder()
         self.stats.update(out.codes)
         self.step_idx += 1
-        l0 = out.codes.alloc.feature.numel() / x.shape[0]
-        self.last = {"step": self.step_idx, "tokens": self.step_idx * x.shape[0], "nmse": nmse_value,
+        l0 = nnz / n_tokens
+        self.last = {"step": self.step_idx, "tokens": self.step_idx * n_tokens, "nmse": nmse_value,
                      "aux": aux_value, "l0": l0, "lr": self.opt.param_groups[0]["lr"]}
         return self.last
 
@@ -294,9 +304,10 @@ class Trainer:
         "The configured auxiliary loss (zero when none, or nothing is dead / under-used)."
         cfg = self.cfg
         if cfg.aux == "aux_k":
-            return aux_k_loss(self.sae, x, out, self.stats.dead(), cfg.k_aux, cfg.aux_alpha)
+            return aux_k_loss(self.sae, x, out, self.stats.dead(), cfg.k_aux, cfg.aux_alpha, self.comm)
         if cfg.aux == "aux_zipf" and int(self.stats.n_batches) > 0:
-            return aux_zipf_loss(self.sae, x, out, self.stats.deficit_weights().to(self.device), cfg.k_aux, cfg.aux_alpha)
+            return aux_zipf_loss(self.sae, x, out, self.stats.deficit_weights().to(self.device), cfg.k_aux, cfg.aux_alpha,
+                                 self.comm)
         return out.x_hat.new_zeros(())
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -359,8 +370,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-          stop_after: int | None = None, wandb: str | None = None) -> list[Path]:
+          stop_after: int | None = None, wandb: str | None = None, comm=None) -> list[Path]:
     "Train one SAE per config on the same stream of batches; returns the paths of the saved SAEs (wandb: a W&B project)."
+    # comm (mcsae.distributed): this process trains on its share of each global batch; rank 0 alone writes files
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not cfgs:
         raise UserError("train needs at least one TrainConfig")
@@ -372,11 +384,47 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
     if resume and overwrite:
         raise UserError("--resume continues runs and --overwrite replaces them: pass one of the two")
     device = resolve_device(device)
-    out_dir = writable_dir(out_dir)
+    if comm is not None:
+        _same_configs(comm, cfgs)
     with ExitStack() as locks:
-        for name in names:
-            locks.enter_context(locked(out_dir / f".{name}.lock", f"the run folder {out_dir / name}"))
-        return _train_locked(cfgs, source, out_dir, resume, overwrite, device, progress, stop_after, wandb)
+
+        def prepare() -> str:
+            "The output folder, writable, with the run folders locked."
+            folder = writable_dir(out_dir)
+            for name in names:
+                locks.enter_context(locked(folder / f".{name}.lock", f"the run folder {folder / name}"))
+            return str(folder)
+
+        folder = Path(prepare() if comm is None else _on_rank0(comm, prepare))  # rank 0 alone locks and writes
+        return _train_locked(cfgs, source, folder, resume, overwrite, device, progress, stop_after, wandb, comm)
+
+
+def _same_configs(comm, cfgs: list[TrainConfig]) -> None:
+    "Refuse, on every rank, configs that differ between the ranks of comm."
+    mine = [asdict(c) for c in cfgs]
+    for q, other in enumerate(comm.all_gather_object(mine)):  # one round
+        if other != mine:
+            theirs = other[0] if len(other) == len(mine) else {"number of configs": len(other)}
+            pairs = [(a, b) for a, b in zip(mine, other) if a != b] or [(mine[0], theirs)]
+            diff = sorted(k for k in pairs[0][0].keys() | pairs[0][1].keys() if pairs[0][0].get(k) != pairs[0][1].get(k))
+            raise UserError(f"rank {q}'s TrainConfig differs from rank {comm.rank}'s in {diff}: "
+                            "launch every rank with the same options")
+
+
+def _on_rank0(comm, fn):
+    "fn()'s result, computed by rank 0 alone and shared with every rank; its error stops every rank."
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    shared = comm.all_gather_object([result, None if error is None else str(error)])[0]  # one round
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise UserError(f"rank 0 stopped: {shared[1]}")
+    return shared[0]
 
 
 def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
@@ -403,30 +451,47 @@ def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
 
 
 def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, resume: bool, overwrite: bool,
-                  device: torch.device, progress: bool, stop_after: int | None, wandb: str | None = None) -> list[Path]:
+                  device: torch.device, progress: bool, stop_after: int | None, wandb: str | None = None,
+                  comm=None) -> list[Path]:
     "train() once its run folders are locked."
+    writer = comm is None or comm.rank == 0  # the process that writes files
+
+    def run_states() -> dict:
+        "What to do with each run folder."
+        return {c.name: _run_state(out_dir / c.name, resume, overwrite) for c in cfgs}
+
+    states = run_states() if comm is None else _on_rank0(comm, run_states)
     paths, trainers, staged = {}, [], {}
     for c in cfgs:
         run = out_dir / c.name
-        state = _run_state(run, resume, overwrite)
+        state = states[c.name]
         if state == "finished":
             paths[c.name] = run / "sae.safetensors"
-            if progress:
+            if progress and writer:
                 print(f"{run} finished earlier: nothing to resume", file=sys.stderr)
             continue
-        if state == "replace":  # the old run stays whole until the new one is complete
+        if state == "replace" and writer:  # the old run stays whole until the new one is complete
             staged[c.name] = atomic_dir(run)
         trainers.append(Trainer(c, source.d_model, staged.get(c.name, run), device, getattr(source, "provenance", None)))
+    for t in trainers:
+        if comm is not None:
+            comm.attach(t)  # checks that every rank runs the same config and that the batch splits across them
     try:
         if trainers:
-            _run(trainers, source, resume, progress, stop_after, wandb)
+            _run(trainers, source, resume, progress, stop_after, wandb, comm)
         for t in trainers:
+            if not writer:
+                if stop_after is None or stop_after >= t.cfg.n_steps:
+                    paths[t.cfg.name] = out_dir / t.cfg.name / "sae.safetensors"
+                continue
             t.save_checkpoint()
             if stop_after is None or stop_after >= t.cfg.n_steps:
                 paths[t.cfg.name] = t.finish()
             if t.cfg.name in staged:
                 commit_dir(staged.pop(t.cfg.name), out_dir / t.cfg.name, overwrite=True)
                 paths[t.cfg.name] = out_dir / t.cfg.name / "sae.safetensors"
+        if comm is not None:
+            comm.barrier()  # rank 0's files are on disk before any rank returns
     except BaseException as e:
         for folder in staged.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -439,32 +504,40 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
 
 
 def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: bool, stop_after: int | None,
-         wandb: str | None = None) -> None:
+         wandb: str | None = None, comm=None) -> None:
     "Feed one stream of batches to the trainers, from the first batch one of them has not seen (and log to W&B)."
     B, n_steps, seed = trainers[0].cfg.batch_size, trainers[0].cfg.n_steps, trainers[0].cfg.seed
-    stream = source.batches(B, seed=seed, start=0)
+    writer = comm is None or comm.rank == 0
+    sharded = comm is not None and getattr(source, "sharded", False)  # the source yields this rank's share itself
+    share = B // comm.world if sharded else B
+    stream = source.batches(share, seed=seed, start=0)
     first = next(stream)
+    if sharded:
+        first = comm.gather_rows(first)  # [B, d] the global first batch, for the input scale and b_dec
     for t in trainers:
         t.initialize(first)
         if resume and t.checkpoint_path.exists():
             t.load_checkpoint()
-        _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
+        if writer:
+            _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
     start = min(t.step_idx for t in trainers)
-    stream = source.batches(B, seed=seed, start=start)
-    runs = _wandb_runs(wandb, trainers)  # [None, ...] without a project
-    bar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"training {len(trainers)} SAE(s)")
+    stream = source.batches(share, seed=seed, start=start)
+    runs = _wandb_runs(wandb if writer else None, trainers)  # [None, ...] without a project (and on ranks other than 0)
+    bar = tqdm(total=n_steps, initial=start, disable=not (progress and writer), desc=f"training {len(trainers)} SAE(s)")
     try:
         for step in range(start, n_steps):
             if stop_after is not None and step >= stop_after:
                 break
             x = next(stream)
+            if comm is not None and not sharded:
+                x = comm.local_batch(x)  # [B / world, d]: this rank's share
             for t, run in zip(trainers, runs):
                 if t.step_idx > step:  # already past this batch (resumed from a later checkpoint)
                     continue
                 m = t.step(x)
-                if t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps:
+                if writer and (t.step_idx % t.cfg.log_every == 0 or t.step_idx == n_steps):
                     _log(t, m, run)
-                if t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
+                if writer and t.cfg.checkpoint_every and t.step_idx % t.cfg.checkpoint_every == 0:
                     t.save_checkpoint()
                     fault_point(f"checkpoint:{t.cfg.name}:{t.step_idx}")
             lead = next(t for t in trainers if t.last)  # one of them stepped
