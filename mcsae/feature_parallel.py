@@ -149,6 +149,9 @@ class FeatureParallelTrainer:
         if cfg.aux != "none":
             raise UserError(f"feature-parallel training supports --aux none only, got --aux {cfg.aux}: "
                             "train with --aux none, or with --parallel data")
+        if cfg.outlier_norm > 0:
+            raise UserError(f"feature-parallel training has no outlier limit, got --outlier-norm {cfg.outlier_norm}: "
+                            "train with --outlier-norm 0, or with --parallel data")
         self.cfg, self.comm, self.device = cfg, comm, torch.device(device)
         torch.manual_seed(cfg.seed)
         self.sae = ShardedSAE(cfg.sae_config(d_in), comm, self.device)
@@ -164,6 +167,21 @@ class FeatureParallelTrainer:
             center = s.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(s)
             with torch.no_grad():
                 self.sae.b_dec.copy_(center)
+        if self.cfg.encoder_init == "lstsq":
+            self.scale_encoder(sample[: self.cfg.batch_size] * self.scale)
+
+    @torch.no_grad()
+    def scale_encoder(self, x: Tensor) -> float:
+        "Trainer's least-squares start (mcsae.sae.scale_encoder) on x [B, d], the reconstruction summed over the blocks."
+        sae, training = self.sae, self.sae.training
+        x_hat = sae.eval()(x)[0].double() - sae.b_dec.double()  # [B, d] bias-free, every rank the same
+        sae.train(training)
+        g = (((x - sae.b_dec).double() * x_hat).sum() / x_hat.pow(2).sum()).item()  # nan when nothing was selected
+        if not math.isfinite(g) or g <= 0:
+            return 1.0
+        sae.W_enc.mul_(g)
+        sae.b_enc.mul_(g)
+        return g
 
     def step(self, x: Tensor) -> dict:
         cfg, sae = self.cfg, self.sae

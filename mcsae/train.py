@@ -246,8 +246,12 @@ class Trainer:
             x = self.limit_norms(x)
         if self.cfg.b_dec_init != "zero":
             self.sae.init_b_dec(x, method=self.cfg.b_dec_init)
-        if self.cfg.encoder_init == "lstsq":
-            self.encoder_gain = scale_encoder(self.sae, x[: self.cfg.batch_size])
+        if self.cfg.encoder_init == "lstsq":  # every rank of a process group holds this whole batch: select it locally
+            comm, self.sae.comm = self.sae.comm, None
+            try:
+                self.encoder_gain = scale_encoder(self.sae, x[: self.cfg.batch_size])
+            finally:
+                self.sae.comm = comm
 
     def limit_norms(self, x: Tensor) -> Tensor:
         "Clip to max_norm, or drop, the tokens of a scaled batch x [B, d] whose norm exceeds it (outlier_norm > 0)."

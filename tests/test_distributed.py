@@ -171,9 +171,9 @@ def _run(cfg: TrainConfig, out: Path, comm: DataParallel | None) -> dict:
         masks.append(alloc.to_mask())
         return alloc
 
-    t.sae.select = recorded
     data = TensorSource(_data())
     t.initialize(next(data.batches(B, seed=cfg.seed)))
+    t.sae.select = recorded  # after initialize: its least-squares start selects on the whole first batch, not a share
     stream, metrics = data.batches(B, seed=cfg.seed), []
     for _ in range(cfg.n_steps):
         x = next(stream)
