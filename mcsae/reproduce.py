@@ -52,12 +52,12 @@ class Preset:
     seeds: tuple = (0, 1, 2)
     dead_tokens: int = 100_000
     warmup_steps: int = 20
-    zipf_s: float | None = None  # FC (Zipf) exponent; None: fitted to a pilot TopK SAE's feature densities (SPEC §1.1)
+    zipf_s: float | None = None  # FC (Zipf) exponent; None: fitted to a pilot TopK SAE's feature densities (mcsae's choice)
     pilot_tokens: int = 100_000  # training tokens of that pilot
     model_batch_size: int = 32
     device: str = "cpu"
     timing_steps: int = 10
-    encoder_init: str = "lstsq"  # TrainConfig.encoder_init of every SAE and the pilot ("tied": the start before issue 11)
+    encoder_init: str = "lstsq"  # TrainConfig.encoder_init of every SAE and the pilot ("tied": the unscaled start the cpu preset's figures were made with)
     outlier_norm: float = 0.0  # TrainConfig.outlier_norm of every SAE and the pilot (0: off)
 
     def activation_config(self) -> ActivationConfig:
@@ -86,13 +86,13 @@ PRESETS = {
     "smoke": Preset("smoke", hook=3, context_length=64, n_tokens=12_000, eval_fraction=0.15, eval_tokens=1024,
                     downstream_contexts=2, train_tokens=8192, batch_size=512, n_features=256, ks=(8, 16), main_k=16,
                     dead_tokens=2048, warmup_steps=2, pilot_tokens=4096, model_batch_size=16, timing_steps=3),
-    "cpu": Preset("cpu", encoder_init="tied"),  # as its committed figures were made (before issue 11)
+    "cpu": Preset("cpu", encoder_init="tied"),  # as its committed figures were made (unscaled start)
     "paper": Preset("paper", model="gpt2", hook=8, corpus="Skylion007/openwebtext", context_length=128,
                     n_tokens=210_000_000, eval_fraction=0.005, eval_tokens=1_000_000, downstream_contexts=512,
                     train_tokens=200_000_000, batch_size=4096, n_features=24576, ks=(16, 32, 64, 128),
                     dead_tokens=10_000_000, warmup_steps=1000, pilot_tokens=20_000_000, model_batch_size=64, device="cuda",
                     timing_steps=50),
-    # issue 11: where features die. With the least-squares start, MC gives its whole batch budget to a few
+    # the regime study: where features die. With the least-squares start, MC gives its whole batch budget to a few
     # high-norm tokens at F >= 4096 and loses much of its dictionary, so the aux losses have something to do.
     # Same activations as `cpu`; two epochs over them; k = 32 only, three variants, two seeds (~70 min, quiet CPU).
     "cpu_dead": Preset("cpu_dead", train_tokens=819_200, n_features=8192, ks=(32,),

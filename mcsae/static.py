@@ -229,7 +229,7 @@ class StaticStep(nn.Module):
         cfg, sae = trainer.cfg, trainer.sae
         if sae.W_enc.dtype != torch.float32:
             raise ValueError(f"StaticStep trains float32 parameters, got {sae.W_enc.dtype}")
-        if cfg.outlier_norm > 0:  # the limit (issue 11) lives in Trainer.step; "drop" would change the batch's shape
+        if cfg.outlier_norm > 0:  # the outlier limit lives in Trainer.step; "drop" would change the batch's shape
             raise ValueError("StaticStep has no outlier limit (TrainConfig.outlier_norm > 0): train with Trainer.step, "
                              "or set outlier_norm = 0")
         self.trainer, self.cfg, self.B, self.chunk = trainer, cfg, batch_size, chunk

@@ -112,7 +112,7 @@ class TrainConfig:
         return self.n_tokens // self.batch_size
 
     def learning_rate(self) -> float:
-        "Peak learning rate (SPEC §4 default scales with the dictionary size)."
+        "Peak learning rate (default 2e-4 / sqrt(n_features / 2**14), after Gao et al. 2024)."
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_features / 2**14)
 
     def sae_config(self, d_in: int) -> SAEConfig:

@@ -1,7 +1,7 @@
 """The experiment and figure notebooks in nbs/experiments/ are papermill-ready: one cell tagged `parameters` that
 defines what `mcsae reproduce` injects, a markdown cell first, and nothing exported (they are not library code).
 Those checks only parse JSON; `test_reproduce.py` runs the reproduce notebooks end to end, and the last test here runs
-issue 11's regime study (run by hand, not by reproduce) at its smoke-size defaults."""
+the regime study (run by hand, not by reproduce) at its smoke-size defaults."""
 import ast
 import json
 from pathlib import Path
@@ -27,7 +27,7 @@ EXPECTED = {**{n: {"preset", "work_dir", "results_dir"} for n in EXPERIMENTS},
             **{n: {"results_dir", "figures_dir"} for n in FIGURES},
             "regime_study": {"results_dir", "figures_dir", "work_dir", "cache_tokens", "eval_fraction", "n_val", "n_features",
                              "large_features", "batch_size", "steps", "dead_tokens", "init_features", "init_batch",
-                             "groups_to_run", "redraw_only"}}  # issue 11's study, run by hand (not by reproduce)
+                             "groups_to_run", "redraw_only"}}  # the regime study, run by hand (not by reproduce)
 REGIME_FIGURES = {"fig_h1_init", "fig_h1_training", "fig_h2_outliers", "fig_h3_warmup", "fig_h4_fc", "fig_h5_threshold",
                   "fig_dead"}
 

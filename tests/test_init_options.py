@@ -1,4 +1,4 @@
-"""Issue 11: the least-squares encoder start (`scale_encoder`, `encoder_init`) and outlier clipping (`outlier_norm`)."""
+"""The least-squares encoder start (`scale_encoder`, `encoder_init`) and outlier clipping (`outlier_norm`)."""
 import pytest
 import torch
 

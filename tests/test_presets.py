@@ -1,4 +1,4 @@
-"""Issue 11 presets: `cpu_dead` and `gpu` are well formed, and the gpu preset's sweep runs end to end at smoke size."""
+"""The extra presets: `cpu_dead` and `gpu` are well formed, and the gpu preset's sweep runs end to end at smoke size."""
 import csv
 
 from mcsae.reproduce import PRESETS, get_preset, run_sweep

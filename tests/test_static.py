@@ -298,7 +298,7 @@ def test_cuda_fixed_slots_equal_reference_masks():
 @pytest.mark.parametrize("kind,aux", [("topk", "aux_k"), ("feature_choice", "none"), ("mutual_choice", "aux_zipf")])
 def test_bf16_affinities_as_under_autocast(kind, aux):
     "StaticStep(autocast=True) (the CUDA default) against the eager step under bf16 autocast, here on the CPU."
-    # tied start: the tolerances below were set on it. With the least-squares start (issue 11) the bf16 paths drift apart
+    # tied start: the tolerances below were set on it. With the least-squares start the bf16 paths drift apart
     # faster (TopK + aux_k: aux off by 1.5e-3 at step 3); the float32 comparisons above hold with the default (lstsq) start.
     eager, twin = _trainers(kind, aux, encoder_init="tied")
     eager._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # what Trainer does on CUDA

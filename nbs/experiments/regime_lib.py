@@ -4,6 +4,7 @@ as JSON. Run as a script, it trains one group of SAEs (resumable) and writes fig
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,7 @@ def initial_state(variant: str, x0: torch.Tensor, x1: torch.Tensor, n_features: 
     "NMSE and per-token L0 of an untrained SAE initialised on batch x0, on x0 and on a fresh batch x1."
     cfg = TrainConfig(**VARIANTS[variant][0], n_features=n_features, k=k, batch_size=len(x0), n_tokens=len(x0),
                       zipf_s=zipf_s, encoder_init=encoder_init, outlier_norm=outlier_norm, seed=seed)
-    t = Trainer(cfg, x0.shape[1], "/tmp/unused")
+    t = Trainer(cfg, x0.shape[1], Path(tempfile.gettempdir()) / "unused")  # writes nothing there
     t.initialize(x0)
     t.sae.eval()
     res = {"variant": variant, "n_features": n_features, "k": k, "batch_size": len(x0), "encoder_init": encoder_init,
