@@ -108,6 +108,22 @@ def _take_ties(keys: Tensor, seg: Tensor, T: Tensor, r: Tensor, gather) -> Tenso
     return take
 
 # %% ../nbs/15_distributed.ipynb #67855686
+def _mc_cut(comm, z: Tensor, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    "The exact global MC cut from summed counts: this rank's candidates `flat`, their `keys` and `seg`, the cut key T and the r ties to take."
+    tiny = _smallest_positive(z)
+    guess = _global_threshold(z, math.ceil(budget / comm.world))  # a little below this rank's expected share of the cut
+    both = comm.all_reduce(torch.stack([-guess, z.max()]), "max")  # 1 round: the lowest guess, the largest affinity
+    for threshold in (torch.maximum(-both[0], tiny), tiny):
+        flat = _candidates(z, threshold)  # [n] ascending local flat indices
+        keys, seg = _keys(z.reshape(-1)[flat]), torch.zeros_like(flat)  # [n], [n]
+        lo, hi = _keys(threshold).view(1), _keys(torch.maximum(both[1], threshold)).view(1)
+        need = torch.tensor([budget], device=z.device)
+        T, r, short = _search(keys, seg, need, lo, hi, lambda c: comm.all_reduce(c, "sum"), comm.mc_buckets)
+        if not bool(short[0]) or bool(threshold == tiny):  # the same on every rank: it comes from summed counts
+            break
+    return flat, keys, seg, T, r
+
+
 @torch.no_grad()
 def mutual_choice_global(comm: DataParallel, z: Tensor, budget: int) -> Allocation:
     "This rank's share of the exact MC allocation of the global batch: its pairs among the `budget` largest positive affinities."
@@ -115,18 +131,7 @@ def mutual_choice_global(comm: DataParallel, z: Tensor, budget: int) -> Allocati
     if budget == 0:
         return _empty(B, F, z.device)
     z = z.contiguous()
-    tiny = _smallest_positive(z)
-    guess = _global_threshold(z, math.ceil(budget / comm.world))  # a little below this rank's expected share of the cut
-    both = comm.all_reduce(torch.stack([-guess, z.max()]), "max")  # 1 round: the lowest guess, the largest affinity
-    for threshold in (torch.maximum(-both[0], tiny), tiny):
-        flat = _candidates(z, threshold)  # [n] ascending: ascending global index, as ranks hold consecutive tokens
-        keys = _keys(z.reshape(-1)[flat])  # [n]
-        seg = torch.zeros_like(flat)
-        lo, hi = _keys(threshold).view(1), _keys(torch.maximum(both[1], threshold)).view(1)
-        need = torch.tensor([budget], device=z.device)
-        T, r, short = _search(keys, seg, need, lo, hi, lambda c: comm.all_reduce(c, "sum"), comm.mc_buckets)
-        if not bool(short[0]) or bool(threshold == tiny):  # the same on every rank: it comes from summed counts
-            break
+    flat, keys, seg, T, r = _mc_cut(comm, z, budget)  # flat ascending = ascending global index: ranks hold consecutive tokens
     take = _take_ties(keys, seg, T, r, comm.all_gather)
     return _from_flat(flat[take], B, F)
 
@@ -333,17 +338,7 @@ def mutual_choice_feature_parallel(comm, z: Tensor, budget: int, first: int, n_f
     if budget == 0:
         return _empty(B, Fr, z.device)
     z = z.contiguous()
-    tiny = _smallest_positive(z)
-    guess = _global_threshold(z, math.ceil(budget / comm.world))
-    both = comm.all_reduce(torch.stack([-guess, z.max()]), "max")
-    reduce = lambda c: comm.all_reduce(c, "sum")
-    for threshold in (torch.maximum(-both[0], tiny), tiny):
-        flat = _candidates(z, threshold)  # [n] local flat indices t * F_r + f
-        keys, seg = _keys(z.reshape(-1)[flat]), torch.zeros_like(flat)
-        lo, hi = _keys(threshold).view(1), _keys(torch.maximum(both[1], threshold)).view(1)
-        T, r, short = _search(keys, seg, torch.tensor([budget], device=z.device), lo, hi, reduce, comm.mc_buckets)
-        if not bool(short[0]) or bool(threshold == tiny):
-            break
+    flat, keys, seg, T, r = _mc_cut(comm, z, budget)  # flat: local indices t * F_r + f
     take = keys > T[0]
     if int(r[0]) > 0:  # ties at the cut: the first r by global flat index t * F + f, found by a second search on it
         tie = (keys == T[0]).nonzero().flatten()  # [u]
@@ -351,7 +346,7 @@ def mutual_choice_feature_parallel(comm, z: Tensor, budget: int, first: int, n_f
         index = token * n_features + first + (flat[tie] - token * Fr)  # [u] global flat index
         rev = B * n_features - 1 - index  # [u] distinct keys: the largest are the lowest indices
         T2, _, _ = _search(rev, torch.zeros_like(rev), r, torch.zeros_like(r), torch.full_like(r, B * n_features - 1),
-                           reduce, comm.mc_buckets)
+                           lambda c: comm.all_reduce(c, "sum"), comm.mc_buckets)
         take[tie] = rev > T2[0]  # distinct keys: the cut is always exact
     return _from_flat(flat[take], B, Fr)
 

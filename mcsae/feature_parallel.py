@@ -23,8 +23,8 @@ from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, locked, wr
 from .losses import FeatureStats, nmse
 from .sae import (SAE, SAEConfig, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_, fc_batch_thresholds,
                        geometric_median, ranks_by_demand)
-from .store import provenance_mismatch
-from .train import TrainConfig, _on_rank0, _run_state, _truncate_metrics, fold_input_scale, input_scale, lr_factor
+from .train import (TrainConfig, _on_rank0, _run_state, _truncate_metrics, fold_input_scale, input_scale, lr_factor,
+                         read_checkpoint)
 
 # %% auto #0
 __all__ = ['ShardedSAE', 'FeatureParallelTrainer', 'train_feature_parallel']
@@ -232,19 +232,7 @@ def _checkpoint(t: FeatureParallelTrainer, provenance: dict) -> dict:
 
 def _load_checkpoint(t: FeatureParallelTrainer, path: Path, provenance: dict) -> None:
     "Take this rank's block of a single-process Trainer checkpoint (written on any number of processes)."
-    try:
-        state = torch.load(path, map_location=t.device, weights_only=True)
-        recorded = {**state.get("activations", {}), "d_model": state["sae"]["W_enc"].shape[1]}
-    except Exception as e:
-        raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
-                        f"delete it to start the run over") from None
-    diff = provenance_mismatch(recorded, provenance)
-    if diff:
-        raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs now): "
-                        f"resume it on the activations it was trained on")
-    if state.get("config") != asdict(t.cfg):
-        raise UserError(f"cannot resume from {path}: it was written for a different TrainConfig (resume with the options "
-                        f"it was started with)")
+    state = read_checkpoint(path, t.cfg, provenance, t.device)
     s, block = t.sae, slice(t.sae.first, t.sae.stop)
     sd = {k: (v[block] if k in ("W_dec", "W_enc", "b_enc", "thresholds", "demand") else v) for k, v in state["sae"].items()}
     s.load_state_dict(sd)

@@ -30,8 +30,8 @@ from .store import provenance_mismatch
 
 # %% auto #0
 __all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'ENCODER_INITS', 'OUTLIER_ACTIONS', 'RUN_FILES', 'TrainConfig', 'BatchSource',
-           'TensorSource', 'CacheSource', 'lr_factor', 'input_scale', 'fold_input_scale', 'TrainingDiverged', 'Trainer',
-           'TrainingInterrupted', 'train', 'read_metrics']
+           'TensorSource', 'CacheSource', 'lr_factor', 'input_scale', 'fold_input_scale', 'read_checkpoint',
+           'TrainingDiverged', 'Trainer', 'TrainingInterrupted', 'train', 'read_metrics']
 
 # %% ../nbs/08_train.ipynb #97b60e2e
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
@@ -211,6 +211,26 @@ def fold_input_scale(sae: SAE, scale: float) -> SAE:
     return sae
 
 # %% ../nbs/08_train.ipynb #4463a1ac
+def read_checkpoint(path: Path, cfg: TrainConfig, provenance: dict, device: str | torch.device = "cpu") -> dict:
+    "Load a training checkpoint and check that it belongs to `cfg` and to these activations (one-line UserError if not)."
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        recorded = {**state.get("activations", {}), "d_model": state["sae"]["W_enc"].shape[1]}
+    except FileNotFoundError:
+        raise UserError(f"cannot resume {cfg.name}: no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
+                        f"delete it to start the run over") from None
+    diff = provenance_mismatch(recorded, provenance)
+    if diff:
+        raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs "
+                        f"now): resume it on the activations it was trained on")
+    if state.get("config") != asdict(cfg):
+        raise UserError(f"cannot resume from {path}: it was written for a different TrainConfig (resume with the "
+                        f"options it was started with)")
+    return state
+
+
 class TrainingDiverged(UserError):
     "The loss became NaN or inf."
 
@@ -330,22 +350,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         "Restore from checkpoint.pt in out_dir (UserError if it is unreadable or belongs to another config or data)."
-        path = self.checkpoint_path
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            recorded = {**state.get("activations", {}), "d_model": state["sae"]["W_enc"].shape[1]}
-        except FileNotFoundError:
-            raise UserError(f"cannot resume {self.cfg.name}: no checkpoint at {path}") from None
-        except Exception as e:
-            raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
-                            f"delete it to start the run over") from None
-        diff = provenance_mismatch(recorded, self.provenance)
-        if diff:
-            raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs "
-                            f"now): resume it on the activations it was trained on")
-        if state.get("config") != asdict(self.cfg):
-            raise UserError(f"cannot resume from {path}: it was written for a different TrainConfig (resume with the "
-                            f"options it was started with)")
+        state = read_checkpoint(self.checkpoint_path, self.cfg, self.provenance, self.device)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.stats.load_state_dict(state["stats"])
