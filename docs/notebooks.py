@@ -90,7 +90,7 @@ _TMP = re.escape(tempfile.gettempdir())
 _SUBS = [
     (re.compile(r"(<[^<>]*?) at 0x[0-9a-fA-F]+(>)"), r"\1\2"),                      # object reprs, as nbdev_clean does
     (re.compile(r"\b0x[0-9a-fA-F]{8,}\b"), "0x…"),                                  # other addresses
-    (re.compile(_TMP + r"/(tmp|pytest-of-)[\w.-]+"), "/tmp/tmp…"),                  # temp folders
+    (re.compile(_TMP + r"/(tmp|pytest-of-)[\w.-]+"), "<tmp>"),                      # a temporary folder of the run
     (re.compile(r"\d+(?:\.\d+)?\s*([A-Za-z]+/s|s/[A-Za-z]+)\b"), r"… \1"),          # progress-bar rates (it/s, examples/s)
     (re.compile(r"\d+:\d\d(?::\d\d)?<(?:\d+:\d\d(?::\d\d)?|\?)"), "…<…"),           # progress-bar elapsed<remaining
     (re.compile(r"\[\d+:\d\d(?::\d\d)?,"), "[…,"),                                  # progress-bar elapsed alone
