@@ -290,6 +290,9 @@ class DataParallel:
         if trainer.cfg.batch_size % self.world:
             raise UserError(f"batch_size {trainer.cfg.batch_size} does not split across {self.world} processes: "
                              f"use a batch size divisible by {self.world}")
+        if trainer.cfg.outlier_norm > 0 and trainer.cfg.outlier_action == "drop":
+            raise UserError("outlier_action='drop' gives the ranks unequal shares of the global batch: "
+                            "use outlier_action='clip' (--outlier-action clip) with --parallel data")
         trainer.comm = trainer.sae.comm = trainer.stats.comm = self
 
 # %% ../nbs/15_distributed.ipynb #0afe6585

@@ -139,6 +139,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                              data, out / "bad", progress=False, comm=comm))
     mine = _cfg("mutual_choice", "zipf", "none", k=3 + (rank == world - 1))
     res["err/mismatch"] = _error(lambda: train(mine, data, out / "bad2", progress=False, comm=comm))
+    res["err/drop"] = _error(lambda: train(_cfg("topk", "zipf", "none", outlier_norm=2.0, outlier_action="drop"),
+                                           data, out / "bad3", progress=False, comm=comm))
     # the last rank stops in the middle of training: the others must raise DistributedError, not hang
     trainer = Trainer(_cfg("mutual_choice", "zipf", "none"), D, out / "fail")
     comm.attach(trainer)
@@ -291,13 +293,15 @@ def test_resume_across_world_sizes(results, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_bad_input(results, world):
-    "Uneven batch and mismatched configs: one-line UserErrors on every rank; a stopped rank: DistributedError."
+    "Uneven batch, mismatched configs and outlier dropping: one-line UserErrors on every rank; a stopped rank: DistributedError."
     res, _ = results
     for r in range(world):
         err = res[world][r]["err/uneven"]
         assert "does not split across" in err and "\n" not in err
         err = res[world][r]["err/mismatch"]
         assert "differs from rank" in err and "['k'" in err and "\n" not in err
+        err = res[world][r]["err/drop"]
+        assert "unequal shares" in err and "outlier_action='clip'" in err and "\n" not in err
     assert res[world][world - 1]["err/peer"] == "stopped"
     for r in range(world - 1):
         err = res[world][r]["err/peer"]
