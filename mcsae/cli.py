@@ -13,6 +13,8 @@ import json
 import re
 import shlex
 import sys
+
+import torch.distributed
 from pathlib import Path
 
 from .dashboard import DashboardConfig, dashboard_run
@@ -166,6 +168,8 @@ def cmd_train(args) -> None:
     if comm is None or comm.rank == 0:
         for path in paths:
             print(path)
+    if comm is not None:  # leave the group before exit: a live gloo group can abort the interpreter's shutdown
+        torch.distributed.destroy_process_group()
 
 
 def cmd_evaluate(args) -> None:
