@@ -35,6 +35,7 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -260,6 +261,9 @@ def execute(nb_path: Path, force: set[str] = frozenset()):
 def _child(mode: str, nb_path: Path) -> int:
     "Execute one notebook; store it or check it. Exit status 0 ok, 3 stale outputs, 2 an exception in a cell."
     from execnb.nbio import read_nb, write_nb
+    # Ctrl-C raises KeyboardInterrupt in the cells even when this runs as a shell's background job, which starts with
+    # SIGINT ignored (the chapters demonstrate what mcsae does on Ctrl-C)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     nb_path = nb_path.resolve()
     fresh, error = execute(nb_path, set(os.environ.get("MCSAE_NB_FLAGS", "").split()))
     if error:

@@ -1,6 +1,12 @@
 """Fixtures shared by several test files."""
+import signal
+
 import pytest
 import torch
+
+# A shell's background job (e.g. a CI step run with `&`) starts with SIGINT ignored, and every process it starts
+# inherits that: the Ctrl-C tests need SIGINT to reach mcsae, so the test processes and their children get the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
