@@ -27,7 +27,7 @@ from .train import CacheSource, TrainConfig, read_metrics, train
 # %% auto #0
 __all__ = ['PRESETS', 'SMOKE_SIZE', 'RUN_FIELDS', 'EXPERIMENTS', 'FIGURES', 'INDEX_MARKERS', 'Preset', 'at_smoke_size',
            'get_preset', 'provenance', 'modes_of', 'run_sweep', 'pilot_zipf_exponent', 'read_runs', 'notebooks_dir',
-           'run_notebook', 'reproduce', 'write_index', 'study_sections']
+           'run_notebook', 'reproduce', 'write_index', 'study_sections', 'preset_sections']
 
 # %% ../nbs/11_reproduce.ipynb #59940d70
 @dataclass
@@ -295,7 +295,7 @@ def read_runs(results_dir: str | Path) -> list[dict]:
 
 # %% ../nbs/11_reproduce.ipynb #d1dda725
 EXPERIMENTS = ("sweep", "timing")  # write results_dir (expensive)
-FIGURES = ("fig1_allocation", "fig2_zipf", "fig3_reconstruction", "fig4_adaptive", "fig5_training_curves",
+FIGURES = ("claims", "fig1_allocation", "fig2_zipf", "fig3_reconstruction", "fig4_adaptive", "fig5_training_curves",
            "table1_dead", "table2_types", "table3_step_time")  # read results_dir, draw (cheap)
 
 
@@ -375,7 +375,7 @@ def write_index(figures_dir: str | Path, preset: str) -> Path:
         lines += [f"## {notes.get('title', name)}", "", notes.get("shows", ""), "", f"Files: {files}", ""]
         if notes.get("findings"):
             lines += ["What the data say:", ""] + [f"* {f}" for f in notes["findings"]] + [""]
-    lines += study_sections(figures_dir)
+    lines += preset_sections(figures_dir) + study_sections(figures_dir)
     return atomic_write(figures_dir / "INDEX.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
 # %% ../nbs/11_reproduce.ipynb #e91a0007
@@ -393,4 +393,17 @@ def study_sections(figures_dir: str | Path) -> list[str]:
         lines += [f"## {titles[0] if titles else readme.parent.name}", "", f"A study beside the reproduction: [`{link}`]({link}).", ""]
         if summary:
             lines += [summary, ""]
+    return lines
+
+
+def preset_sections(figures_dir: str | Path) -> list[str]:
+    "INDEX.md lines for each other preset's reproduction in figures_dir/NAME/INDEX.md: a link and its claims' verdicts."
+    lines = []
+    for index in sorted(Path(figures_dir).glob("*/INDEX.md")):
+        made_by = next((line for line in index.read_text().splitlines() if line.startswith("Made by")), "")
+        link = f"{index.parent.name}/INDEX.md"
+        lines += [f"## Preset `{index.parent.name}`", "", f"Another reproduction beside this one: [`{link}`]({link}). {made_by}", ""]
+        claims = index.parent / "claims.notes.json"
+        if claims.exists():
+            lines += ["Its claims, measured:", ""] + [f"* {f}" for f in json.loads(claims.read_text()).get("findings", [])] + [""]
     return lines
