@@ -245,7 +245,7 @@ def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False, ste
 # --------------------------------------------------------------------------- worker
 def worker(args) -> dict:
     impl, F = args.worker, args.worker_features
-    res = dict(impl=impl, features=F, batch=args.batch, d=args.d, k=args.k, python=sys.executable, device=args.device)
+    res = dict(impl=impl, features=F, batch=args.batch, d=args.d, k=args.k, python=Path(sys.executable).name, device=args.device)
     try:
         import torch
     except ImportError as e:  # pragma: no cover
@@ -451,8 +451,10 @@ def main(argv=None):
         print(f"\n1-min load average during the workers: {min(loads):.1f}–{max(loads):.1f} "
               f"(machine has {os.cpu_count()} CPUs; load well above the thread count means contended timings)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args={k: v for k, v in vars(args).items() if not k.startswith("worker")},
-                                                   results=results), indent=2))
+        recorded = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
+        for k in ("baseline_python", "mcsae_python"):  # an interpreter by name, never a path of this machine
+            recorded[k] = Path(recorded[k]).name if Path(recorded[k]).is_absolute() else recorded[k]
+        Path(args.json).write_text(json.dumps(dict(args=recorded, results=results), indent=2))
 
 
 if __name__ == "__main__":
