@@ -48,7 +48,7 @@ docs: outputs
 reproduce: install
 	mcsae reproduce --preset $(PRESET)
 ifeq ($(PRESET),cpu)
-	mcsae reproduce --preset cpu_dead --figures-dir figures/cpu_dead  # issue 11: the regime where features die
+	mcsae reproduce --preset cpu_dead --figures-dir figures/cpu_dead  # the regime where features die (figures/cpu_dead)
 endif
 
 bench: install
