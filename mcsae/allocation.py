@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ALLOCATION_KINDS', 'RENAMED', 'uniform_capacities', 'zipf_capacities', 'topk_mask', 'feature_choice_mask',
-           'mutual_choice_mask', 'Allocation', 'csr_offsets', 'topk_allocation', 'mutual_choice_allocation',
+__all__ = ['ALLOCATION_KINDS', 'RENAMED', 'uniform_capacities', 'zipf_capacities', 'check_capacities', 'topk_mask',
+           'feature_choice_mask', 'mutual_choice_mask', 'Allocation', 'csr_offsets', 'allocation_from_flat',
+           'empty_allocation', 'smallest_positive', 'break_ties', 'topk_allocation', 'candidate_pairs', 'sample_stride',
+           'global_threshold', 'mutual_choice_allocation', 'group_size', 'column_thresholds', 'column_candidates',
            'feature_choice_allocation', 'check_kind', 'allocate']
 
 # %% ../nbs/01_allocation.ipynb #395f3fa3
@@ -121,7 +123,7 @@ def _check_budget(budget: int, n_tokens: int, n_features: int) -> None:
         raise ValueError(f"budget must be in [0, B*F={n_tokens * n_features}], got {budget}")
 
 
-def _check_capacities(capacities: Tensor, n_tokens: int, n_features: int) -> Tensor:
+def check_capacities(capacities: Tensor, n_tokens: int, n_features: int) -> Tensor:
     "Raise ValueError unless capacities is an integer vector of length F with 0 <= m_i <= B."
     capacities = torch.as_tensor(capacities)
     if capacities.shape != (n_features,) or capacities.is_floating_point():
@@ -147,7 +149,7 @@ def feature_choice_mask(z: Tensor, capacities: Tensor) -> Tensor:
     "Reference Feature Choice: the capacities[i] largest positive affinities of each column, lowest token on ties (bool [B, F])."
     _check_affinities(z)
     B, F = z.shape
-    capacities = _check_capacities(capacities, B, F).to(z.device)  # [F]
+    capacities = check_capacities(capacities, B, F).to(z.device)  # [F]
     order = torch.sort(z, dim=0, descending=True, stable=True).indices  # [B, F]
     rank = torch.empty_like(order)  # [B, F]: position of each entry within its column
     rank.scatter_(0, order, torch.arange(B, device=z.device).unsqueeze(1).expand(B, F))
@@ -199,7 +201,7 @@ def csr_offsets(keys: Tensor, n: int) -> Tensor:
     return torch.searchsorted(keys, torch.arange(n + 1, dtype=keys.dtype, device=keys.device))  # no host sync, unlike bincount
 
 
-def _from_flat(flat: Tensor, n_tokens: int, n_features: int) -> Allocation:
+def allocation_from_flat(flat: Tensor, n_tokens: int, n_features: int) -> Allocation:
     "Allocation from ascending flat indices t·F + f."
     token = torch.div(flat, n_features, rounding_mode="floor")  # [nnz]
     feature = flat - token * n_features  # [nnz]
@@ -212,13 +214,13 @@ def _check_finite(values: Tensor) -> None:
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
 
 
-def _empty(n_tokens: int, n_features: int, device: torch.device) -> Allocation:
+def empty_allocation(n_tokens: int, n_features: int, device: torch.device) -> Allocation:
     "The allocation that selects nothing."
     none = torch.zeros(0, dtype=torch.long, device=device)
     return Allocation(none, none, torch.zeros(n_tokens + 1, dtype=torch.long, device=device), n_features)
 
 
-def _smallest_positive(z: Tensor) -> Tensor:
+def smallest_positive(z: Tensor) -> Tensor:
     "The smallest positive value of z's dtype, so that z >= it means z > 0 (0-d)."
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     return torch.nextafter(zero, torch.ones_like(zero))
@@ -234,7 +236,7 @@ def _lowest_index_picks(values: Tensor, index: Tensor, cut: Tensor, k: int) -> T
     return index[pick].view(-1, k)
 
 
-def _break_ties(z: Tensor, rows: Tensor, k: int, chunk: int = 2**24) -> Tensor:
+def break_ties(z: Tensor, rows: Tensor, k: int, chunk: int = 2**24) -> Tensor:
     "Exact top-k feature indices of the given rows of z whose k-th and (k+1)-th values are equal ([n, k])."
     F = z.shape[1]
     m = min(F, 2 * k + 1)  # enough for k + 1 more values equal to the cut
@@ -261,7 +263,7 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
     B, F = z.shape
     _check_k(k, F)
     if k == 0 or B == 0:
-        return _empty(B, F, z.device)
+        return empty_allocation(B, F, z.device)
     vals, idx = torch.topk(z, min(k + 1, F), dim=1, sorted=True)  # [B, k+1], descending, NaN/inf first
     counts = (vals[:, :k] > 0).sum(1)  # [B] the positive ones among the k largest
     tie = (vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > 0) if k < F else torch.zeros_like(counts, dtype=torch.bool)
@@ -271,7 +273,7 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
     if any_tie:  # rows with a tie across the cut: all k picks are positive, only which ones is in question
         tied = tie.nonzero().flatten()  # [n_tied]
-        idx[tied, :k] = _break_ties(z, tied, k)
+        idx[tied, :k] = break_ties(z, tied, k)
     # the selected pairs of a row are the first counts[t] of its k (values descend); the rest become F, sorted last
     slots = torch.arange(k, device=z.device)  # [k]
     idx = idx[:, :k].masked_fill(slots >= counts[:, None], F).sort(dim=1).values  # [B, k], ascending feature
@@ -287,7 +289,7 @@ def topk_allocation(z: Tensor, k: int) -> Allocation:
 _BLOCK = 32
 
 
-def _candidates(z: Tensor, threshold: Tensor) -> Tensor:
+def candidate_pairs(z: Tensor, threshold: Tensor) -> Tensor:
     "Ascending flat indices of z >= threshold, found block by block (long [n])."
     flat = z.reshape(-1)  # [N]
     block = _BLOCK if flat.numel() % _BLOCK == 0 else 1
@@ -319,7 +321,7 @@ def _keep_largest(values: Tensor, n: int) -> Tensor:
 _SAMPLE = 2**18
 
 
-def _sample_stride(n: int, n_features: int) -> int:
+def sample_stride(n: int, n_features: int) -> int:
     "A stride giving about _SAMPLE entries, coprime with F so that every column is visited."
     stride = max(1, n // _SAMPLE)
     while math.gcd(stride, n_features) != 1:
@@ -327,15 +329,15 @@ def _sample_stride(n: int, n_features: int) -> int:
     return stride
 
 
-def _global_threshold(z: Tensor, budget: int) -> Tensor:
+def global_threshold(z: Tensor, budget: int) -> Tensor:
     "A value a little below the budget-th largest of z, from a strided sample (0-d)."
-    sample = z.reshape(-1)[:: _sample_stride(z.numel(), z.shape[1])]  # [n]
+    sample = z.reshape(-1)[:: sample_stride(z.numel(), z.shape[1])]  # [n]
     q = budget * sample.numel() / z.numel()
     rank = math.ceil(q + 3 * math.sqrt(q) + 8)
     if rank >= sample.numel():
-        return _smallest_positive(z)
+        return smallest_positive(z)
     kth = torch.topk(sample, rank, sorted=False).values.min()
-    return torch.maximum(kth, _smallest_positive(z))
+    return torch.maximum(kth, smallest_positive(z))
 
 
 @torch.no_grad()
@@ -345,22 +347,22 @@ def mutual_choice_allocation(z: Tensor, budget: int) -> Allocation:
     B, F = z.shape
     _check_budget(budget, B, F)
     if budget == 0:
-        return _empty(B, F, z.device)
+        return empty_allocation(B, F, z.device)
     z = z.contiguous()
-    threshold = _global_threshold(z, budget)
-    flat = _candidates(z, threshold)  # [n] ascending
+    threshold = global_threshold(z, budget)
+    flat = candidate_pairs(z, threshold)  # [n] ascending
     if flat.numel() < budget:
-        flat = _candidates(z, _smallest_positive(z))  # threshold was too high: every positive entry
+        flat = candidate_pairs(z, smallest_positive(z))  # threshold was too high: every positive entry
     values = z.reshape(-1)[flat]  # [n]
     _check_finite(values)
-    return _from_flat(flat[_keep_largest(values, budget)], B, F)
+    return allocation_from_flat(flat[_keep_largest(values, budget)], B, F)
 
 # %% ../nbs/01_allocation.ipynb #4b751525
 _GROUPS = 256
 _SHALLOW = 16
 
 
-def _group_size(n_tokens: int) -> int:
+def group_size(n_tokens: int) -> int:
     "The largest divisor of B that is at most B // _GROUPS (at least 1)."
     size = max(1, n_tokens // _GROUPS)
     while n_tokens % size:
@@ -368,7 +370,7 @@ def _group_size(n_tokens: int) -> int:
     return size
 
 
-def _column_thresholds(group_max: Tensor, capacities: Tensor, tiny: Tensor) -> Tensor:
+def column_thresholds(group_max: Tensor, capacities: Tensor, tiny: Tensor) -> Tensor:
     "Per column, the capacities[i]-th largest group maximum: never above the capacities[i]-th largest entry ([F])."
     G, F = group_max.shape
     columns = group_max.t().contiguous()  # [F, G]
@@ -383,7 +385,7 @@ def _column_thresholds(group_max: Tensor, capacities: Tensor, tiny: Tensor) -> T
     return torch.where(capacities == 0, torch.full_like(thresholds, math.inf), thresholds)
 
 
-def _column_candidates(z: Tensor, group_max: Tensor, thresholds: Tensor) -> Tensor:
+def column_candidates(z: Tensor, group_max: Tensor, thresholds: Tensor) -> Tensor:
     "Ascending flat indices of z >= thresholds[column], searched in the (group, column) cells that reach it (long [n])."
     B, F = z.shape
     size = B // group_max.shape[0]
@@ -422,18 +424,18 @@ def feature_choice_allocation(z: Tensor, capacities: Tensor) -> Allocation:
     "Exact Feature Choice allocation: the capacities[i] largest positive affinities of each feature."
     _check_shape(z)
     B, F = z.shape
-    capacities = _check_capacities(capacities, B, F).to(z.device)  # [F]
+    capacities = check_capacities(capacities, B, F).to(z.device)  # [F]
     if B == 0 or capacities.sum() == 0:
-        return _empty(B, F, z.device)
-    size = _group_size(B)
+        return empty_allocation(B, F, z.device)
+    size = group_size(B)
     group_max = z.reshape(B // size, size, F).amax(1)  # [G, F], NaN if the cell holds a NaN
     if torch.isnan(group_max).any():
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
-    thresholds = _column_thresholds(group_max, capacities, _smallest_positive(z))  # [F]
-    flat = _column_candidates(z, group_max, thresholds)  # [n] ascending
+    thresholds = column_thresholds(group_max, capacities, smallest_positive(z))  # [F]
+    flat = column_candidates(z, group_max, thresholds)  # [n] ascending
     values = z.reshape(-1)[flat]  # [n]
     _check_finite(values)
-    return _from_flat(flat[_keep_largest_per_feature(values, flat % F, capacities)], B, F)
+    return allocation_from_flat(flat[_keep_largest_per_feature(values, flat % F, capacities)], B, F)
 
 # %% ../nbs/01_allocation.ipynb #2897d998
 ALLOCATION_KINDS = ("topk", "feature_choice", "mutual_choice")

@@ -20,8 +20,8 @@ from .hooks import capture, iter_activations, resolve_hook
 from .io import UserError
 from .models import ActivationConfig, load_model, resolve_device
 from .store import hook_label, shuffle_batches
-from .allocation import (Allocation, _candidates, _check_capacities, _column_candidates, _column_thresholds, _empty,
-                         _from_flat, _global_threshold, _group_size, _smallest_positive, allocate, csr_offsets, topk_allocation)
+from .allocation import (Allocation, candidate_pairs, check_capacities, column_candidates, column_thresholds, empty_allocation,
+                         allocation_from_flat, global_threshold, group_size, smallest_positive, allocate, csr_offsets, topk_allocation)
 
 # %% auto #0
 __all__ = ['mutual_choice_global', 'feature_choice_global', 'DistributedError', 'DataParallel', 'init_data_parallel',
@@ -110,11 +110,11 @@ def _take_ties(keys: Tensor, seg: Tensor, T: Tensor, r: Tensor, gather) -> Tenso
 # %% ../nbs/15_distributed.ipynb #67855686
 def _mc_cut(comm, z: Tensor, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     "The exact global MC cut from summed counts: this rank's candidates `flat`, their `keys` and `seg`, the cut key T and the r ties to take."
-    tiny = _smallest_positive(z)
-    guess = _global_threshold(z, math.ceil(budget / comm.world))  # a little below this rank's expected share of the cut
+    tiny = smallest_positive(z)
+    guess = global_threshold(z, math.ceil(budget / comm.world))  # a little below this rank's expected share of the cut
     both = comm.all_reduce(torch.stack([-guess, z.max()]), "max")  # 1 round: the lowest guess, the largest affinity
     for threshold in (torch.maximum(-both[0], tiny), tiny):
-        flat = _candidates(z, threshold)  # [n] ascending local flat indices
+        flat = candidate_pairs(z, threshold)  # [n] ascending local flat indices
         keys, seg = _keys(z.reshape(-1)[flat]), torch.zeros_like(flat)  # [n], [n]
         lo, hi = _keys(threshold).view(1), _keys(torch.maximum(both[1], threshold)).view(1)
         need = torch.tensor([budget], device=z.device)
@@ -129,33 +129,33 @@ def mutual_choice_global(comm: DataParallel, z: Tensor, budget: int) -> Allocati
     "This rank's share of the exact MC allocation of the global batch: its pairs among the `budget` largest positive affinities."
     B, F = z.shape
     if budget == 0:
-        return _empty(B, F, z.device)
+        return empty_allocation(B, F, z.device)
     z = z.contiguous()
     flat, keys, seg, T, r = _mc_cut(comm, z, budget)  # flat ascending = ascending global index: ranks hold consecutive tokens
     take = _take_ties(keys, seg, T, r, comm.all_gather)
-    return _from_flat(flat[take], B, F)
+    return allocation_from_flat(flat[take], B, F)
 
 # %% ../nbs/15_distributed.ipynb #ac442ae7
 @torch.no_grad()
 def feature_choice_global(comm: DataParallel, z: Tensor, capacities: Tensor) -> Allocation:
     "This rank's share of the exact FC allocation of the global batch: per feature i, its pairs among the m_i largest positive ones."
     B, F = z.shape
-    capacities = _check_capacities(capacities, comm.global_tokens(B), F).to(z.device)  # [F]
+    capacities = check_capacities(capacities, comm.global_tokens(B), F).to(z.device)  # [F]
     if capacities.sum() == 0:
-        return _empty(B, F, z.device)
+        return empty_allocation(B, F, z.device)
     z = z.contiguous()
-    size = _group_size(B)
+    size = group_size(B)
     group_max = z.reshape(B // size, size, F).amax(1)  # [G, F]
     if torch.isnan(group_max).any():
         raise ValueError("affinities z contain non-finite values (NaN or inf)")
-    tiny = _smallest_positive(z)
+    tiny = smallest_positive(z)
     G = group_max.shape[0]
     deep = capacities > G  # [F] more than this rank's groups: every positive entry is a candidate
-    local = _column_thresholds(group_max, torch.where(deep, 0, capacities), tiny)  # [F] <= this rank's m_i-th largest
+    local = column_thresholds(group_max, torch.where(deep, 0, capacities), tiny)  # [F] <= this rank's m_i-th largest
     local = torch.where(deep, tiny, local)  # ... <= the global m_i-th largest
     both = comm.all_reduce(torch.stack([local, group_max.amax(0)]), "max")  # 1 round: [2, F]
     thresholds, top = both[0], both[1]  # [F] a lower bound of each cut (inf where m_i = 0), the largest affinity
-    flat = _column_candidates(z, group_max, thresholds)  # [n] ascending: within a feature, ascending global token
+    flat = column_candidates(z, group_max, thresholds)  # [n] ascending: within a feature, ascending global token
     seg = flat % F  # [n] feature
     keys = _keys(z.reshape(-1)[flat])  # [n]
     on = capacities > 0
@@ -163,7 +163,7 @@ def feature_choice_global(comm: DataParallel, z: Tensor, capacities: Tensor) -> 
     hi = _keys(torch.maximum(top, torch.where(on, thresholds, tiny)))  # [F]
     T, r, _ = _search(keys, seg, capacities, lo, hi, lambda c: comm.all_reduce(c, "sum"), comm.fc_buckets)
     take = _take_ties(keys, seg, T, r, comm.all_gather)
-    return _from_flat(flat[take], B, F)
+    return allocation_from_flat(flat[take], B, F)
 
 # %% ../nbs/15_distributed.ipynb #16ba9acc
 class DistributedError(UserError):
@@ -339,7 +339,7 @@ def mutual_choice_feature_parallel(comm, z: Tensor, budget: int, first: int, n_f
     "This rank's pairs of the exact MC allocation, z [B, F_r] holding features first..first+F_r-1 of every token."
     B, Fr = z.shape
     if budget == 0:
-        return _empty(B, Fr, z.device)
+        return empty_allocation(B, Fr, z.device)
     z = z.contiguous()
     flat, keys, seg, T, r = _mc_cut(comm, z, budget)  # flat: local indices t * F_r + f
     take = keys > T[0]
@@ -351,7 +351,7 @@ def mutual_choice_feature_parallel(comm, z: Tensor, budget: int, first: int, n_f
         T2, _, _ = _search(rev, torch.zeros_like(rev), r, torch.zeros_like(r), torch.full_like(r, B * n_features - 1),
                            lambda c: comm.all_reduce(c, "sum"), comm.mc_buckets)
         take[tie] = rev > T2[0]  # distinct keys: the cut is always exact
-    return _from_flat(flat[take], B, Fr)
+    return allocation_from_flat(flat[take], B, Fr)
 
 # %% ../nbs/15_distributed.ipynb #b00527f2
 class StreamSource:

@@ -23,7 +23,7 @@ from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, locked, wr
 from .losses import FeatureStats, nmse
 from .sae import (SAE, SAEConfig, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_, fc_batch_thresholds,
                        geometric_median, ranks_by_demand)
-from .train import (TrainConfig, _on_rank0, _run_state, _truncate_metrics, fold_input_scale, input_scale, lr_factor,
+from .train import (TrainConfig, on_rank0, run_state, truncate_metrics, fold_input_scale, input_scale, lr_factor,
                          read_checkpoint)
 
 # %% auto #0
@@ -261,9 +261,9 @@ def train_feature_parallel(cfg: TrainConfig, source, out_dir, comm, resume: bool
             "The output folder, writable, the run folder locked, and what to do with it (rank 0)."
             folder = writable_dir(out_dir)
             locks.enter_context(locked(folder / f".{cfg.name}.lock", f"the run folder {folder / cfg.name}"))
-            return [str(folder), _run_state(folder / cfg.name, resume, overwrite)]
+            return [str(folder), run_state(folder / cfg.name, resume, overwrite)]
 
-        folder, state = _on_rank0(comm, prepare)
+        folder, state = on_rank0(comm, prepare)
         run = Path(folder) / cfg.name
         if state == "finished":
             return run / "sae.safetensors"
@@ -289,7 +289,7 @@ def _train_blocks(cfg: TrainConfig, source, run: Path, write: Path, comm, proven
     if resume and (run / "checkpoint.pt").exists():
         _load_checkpoint(t, run / "checkpoint.pt", provenance)
     if comm.rank == 0:
-        _truncate_metrics(write, t.step_idx)  # drop lines logged after the checkpoint
+        truncate_metrics(write, t.step_idx)  # drop lines logged after the checkpoint
     stream = source.batches(cfg.batch_size, seed=cfg.seed, start=t.step_idx)
     for step in range(t.step_idx, cfg.n_steps if stop_after is None else min(stop_after, cfg.n_steps)):
         m = t.step(next(stream))

@@ -22,9 +22,10 @@ from .io import UserError, atomic_write, check_field, is_int, is_number, read_sa
 
 # %% auto #0
 __all__ = ['KINDS', 'VARIANTS', 'PRIVATE_OP', 'CHECKPOINT_FORMAT', 'SAEConfig', 'variant_id', 'FeatureOrder', 'by_feature',
-           'SparseCodes', 'SAEOutput', 'SparseEncode', 'pair_dots_reference', 'private_op_works', 'pair_dots',
-           'SparseDecode', 'ema_update_', 'mc_batch_threshold', 'fc_batch_thresholds', 'ranks_by_demand', 'SAE',
-           'geometric_median', 'encoder_gain', 'scale_encoder', 'dense_reference']
+           'SparseCodes', 'SAEOutput', 'weighted_bag_sums', 'feature_sums', 'SparseEncode', 'pair_dots_reference',
+           'private_pair_dots', 'private_op_works', 'pair_dots', 'SparseDecode', 'ema_update_', 'mc_batch_threshold',
+           'fc_batch_thresholds', 'ranks_by_demand', 'SAE', 'geometric_median', 'encoder_gain', 'scale_encoder',
+           'dense_reference']
 
 # %% ../nbs/02_sae.ipynb #bbcaf23f
 KINDS = ALLOCATION_KINDS  # "topk" | "feature_choice" | "mutual_choice": an SAE is named by its allocation rule
@@ -119,22 +120,22 @@ class SAEOutput(NamedTuple):
     affinities: Tensor  # [B, F] z' = ReLU(pre-activations), detached (for statistics and aux losses)
 
 # %% ../nbs/02_sae.ipynb #bbfd37ba
-def _bag(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+def weighted_bag_sums(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
     "Row-wise weighted sums of table rows: out[j] = sum_i weights[i] * table[index[i]] for i in bag j."
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
 
 
-def _feature_sums(order: FeatureOrder, table: Tensor, weights: Tensor, max_bag: int | None = None) -> Tensor:
+def feature_sums(order: FeatureOrder, table: Tensor, weights: Tensor, max_bag: int | None = None) -> Tensor:
     "Per feature f, sum of weights[i] * table[token_i] over its pairs ([F, d]); weights in feature order."
     if max_bag is None:  # a GPU gives one bag to one thread block: split long bags (Zipf heads in FC) to balance them
         max_bag = 256 if table.is_cuda else 0
     if not max_bag:
-        return _bag(order.token, table, order.offsets, weights)  # [F, d]
+        return weighted_bag_sums(order.token, table, order.offsets, weights)  # [F, d]
     n_features, nnz = order.offsets.numel() - 1, order.token.numel()
     cuts = torch.arange(0, nnz, max_bag, device=table.device)  # [ceil(nnz / max_bag)]
     starts = torch.cat([order.offsets[:-1], cuts]).sort().values  # [n_bags], each bag inside one feature
     owner = (torch.searchsorted(order.offsets, starts, right=True) - 1).clamp_(max=n_features - 1)  # [n_bags]
-    sums = _bag(order.token, table, torch.cat([starts, order.offsets[-1:]]), weights)  # [n_bags, d]
+    sums = weighted_bag_sums(order.token, table, torch.cat([starts, order.offsets[-1:]]), weights)  # [n_bags, d]
     return sums.new_zeros(n_features, table.shape[1]).index_add_(0, owner, sums)  # empty bags add zeros
 
 
@@ -154,9 +155,9 @@ class SparseEncode(torch.autograd.Function):
         a, o = ctx.alloc, ctx.order
         g = grad.to(W_enc.dtype)  # [nnz]
         grad_b_enc = torch.zeros_like(W_enc[:, 0]).index_add_(0, a.feature, g)  # [F]
-        grad_W = _feature_sums(o, x_c.to(W_enc.dtype), g[o.perm]) if ctx.needs_input_grad[2] else None  # [F, d]
+        grad_W = feature_sums(o, x_c.to(W_enc.dtype), g[o.perm]) if ctx.needs_input_grad[2] else None  # [F, d]
         grad_b_dec = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[1] else None  # [d]
-        grad_x = _bag(a.feature, W_enc, a.offsets, g) if ctx.needs_input_grad[0] else None  # [B, d]
+        grad_x = weighted_bag_sums(a.feature, W_enc, a.offsets, g) if ctx.needs_input_grad[0] else None  # [B, d]
         return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None, None
 
 # %% ../nbs/02_sae.ipynb #599ddd8b
@@ -170,7 +171,7 @@ def pair_dots_reference(grad_out: Tensor, table: Tensor, alloc: Allocation, chun
     return torch.cat(dots) if dots else grad_out.new_zeros(0)
 
 
-def _private_pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
+def private_pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
     "The same dot products from PyTorch's private kernel for the gradient of embedding_bag's weights, [nnz]."
     op = getattr(torch.ops.aten, PRIVATE_OP)
     return op(grad_out, table, alloc.feature, alloc.offsets[:-1], alloc.token, 0, -1)  # mode 0 = sum, no padding index
@@ -182,16 +183,16 @@ def private_op_works() -> bool:
     alloc = Allocation.from_mask(torch.tensor([[True, False, True], [False, True, True]]))
     grad_out, table = torch.arange(8.0).reshape(2, 4), torch.arange(12.0).reshape(3, 4) - 5
     try:
-        fast = _private_pair_dots(grad_out, table, alloc)
+        fast = private_pair_dots(grad_out, table, alloc)
     except (AttributeError, TypeError, RuntimeError):  # missing op, or a changed signature
         return False
     return torch.equal(fast, pair_dots_reference(grad_out, table, alloc))
 
 
 def pair_dots(grad_out: Tensor, table: Tensor, alloc: Allocation) -> Tensor:
-    "<grad_out[token_i], table[feature_i]> for every pair i: the gradient of _bag's weights, [nnz] (private fast path if it works)."
+    "<grad_out[token_i], table[feature_i]> for every pair i: the gradient of weighted_bag_sums's weights, [nnz] (private fast path if it works)."
     if private_op_works():
-        return _private_pair_dots(grad_out, table, alloc)
+        return private_pair_dots(grad_out, table, alloc)
     return pair_dots_reference(grad_out, table, alloc)
 
 
@@ -203,7 +204,7 @@ class SparseDecode(torch.autograd.Function):
         values = values.to(W_dec.dtype)
         ctx.save_for_backward(values, W_dec)
         ctx.alloc, ctx.order = alloc, order
-        return _bag(alloc.feature, W_dec, alloc.offsets, values)  # [B, d]
+        return weighted_bag_sums(alloc.feature, W_dec, alloc.offsets, values)  # [B, d]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -211,7 +212,7 @@ class SparseDecode(torch.autograd.Function):
         a, o = ctx.alloc, ctx.order
         grad_out = grad_out.to(W_dec.dtype).contiguous()  # [B, d]
         grad_v = pair_dots(grad_out, W_dec, a) if ctx.needs_input_grad[0] else None  # [nnz]
-        grad_W = _feature_sums(o, grad_out, values[o.perm]) if ctx.needs_input_grad[1] else None  # [F, d]
+        grad_W = feature_sums(o, grad_out, values[o.perm]) if ctx.needs_input_grad[1] else None  # [F, d]
         return grad_v, grad_W, None, None
 
 # %% ../nbs/02_sae.ipynb #1c15b762

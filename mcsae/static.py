@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import csr_offsets, uniform_capacities, zipf_capacities
-from .sae import (SAE, FeatureOrder, _bag, _feature_sums, _private_pair_dots, ema_update_, pair_dots_reference,
+from .sae import (SAE, FeatureOrder, weighted_bag_sums, feature_sums, private_pair_dots, ema_update_, pair_dots_reference,
                        private_op_works, ranks_by_demand)
 from .train import Trainer, TrainingDiverged, lr_factor
 
@@ -239,7 +239,7 @@ class StaticStep(nn.Module):
         self.k_aux = min(cfg.k_aux or sae.cfg.d_in // 2, cfg.n_features)
         self.plan = capacity_plan(sae, batch_size, chunk) if cfg.kind == "feature_choice" else None
         # pair_dots's choice, made here on the host: its check of the private kernel reads values (a sync, a graph break)
-        self.pair_dots = _private_pair_dots if private_op_works() else pair_dots_reference
+        self.pair_dots = private_pair_dots if private_op_works() else pair_dots_reference
         dev = sae.W_enc.device
         self.params = list(sae.parameters())  # W_dec, W_enc, b_enc, b_dec
         beta1, beta2 = trainer.opt.defaults["betas"]
@@ -285,7 +285,7 @@ class StaticStep(nn.Module):
         aff = torch.addmm(b_enc.to(mm), x_c.to(mm), W_enc.t().to(mm)).relu_()  # [B, F], bf16 under autocast
         s = self.select(aff)  # S slots
         v = aff[s.token, s.feature].float()  # [S], zero in unused slots
-        x_hat = _bag(s.feature, W_dec, s.offsets, v) + b_dec  # [B, d]
+        x_hat = weighted_bag_sums(s.feature, W_dec, s.offsets, v) + b_dec  # [B, d]
         total = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
         diff = x_hat - x  # [B, d]
         loss_rec = diff.pow(2).sum() / total
@@ -299,7 +299,7 @@ class StaticStep(nn.Module):
             a = topk_slots(aff * w.to(mm), self.k_aux, self.chunk)  # top k_aux of w·z' per token
             v2 = (aff[a.token, a.feature] * w.to(mm)[a.feature]).float()  # [S2], zero in unused slots
             e = x - x_hat  # [B, d] residual, a constant for the aux loss
-            r = e - _bag(a.feature, W_dec, a.offsets, v2)  # [B, d]
+            r = e - weighted_bag_sums(a.feature, W_dec, a.offsets, v2)  # [B, d]
             den = (e - e.mean(0)).pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
             loss_aux = cfg.aux_alpha * r.pow(2).sum() / den * on
             G2 = r * (-2 * cfg.aux_alpha / den * on)  # [B, d] d aux / d e_hat
@@ -312,8 +312,8 @@ class StaticStep(nn.Module):
         feature, grad_v, tok = torch.cat(feature), torch.cat(grad_v), torch.cat(token)  # [S + S2]
         f_sorted, perm = torch.sort(feature.int(), stable=True)  # every pair by feature, once for both sums
         offsets = csr_offsets(f_sorted, cfg.n_features)  # [F+1]
-        g_W_dec = _feature_sums(FeatureOrder(perm, tok[perm], offsets), torch.cat(table), torch.cat(val)[perm])  # [F, d]
-        g_W_enc = _feature_sums(FeatureOrder(perm, tok[perm] % B, offsets), x_c, grad_v[perm])  # [F, d]
+        g_W_dec = feature_sums(FeatureOrder(perm, tok[perm], offsets), torch.cat(table), torch.cat(val)[perm])  # [F, d]
+        g_W_enc = feature_sums(FeatureOrder(perm, tok[perm] % B, offsets), x_c, grad_v[perm])  # [F, d]
         g_b_enc = torch.zeros_like(b_enc).index_add_(0, feature, grad_v)  # [F]
         g_b_dec = G.sum(0) - g_b_enc @ W_enc  # [d]
         return loss_rec, loss_aux, [g_W_dec, g_W_enc, g_b_enc, g_b_dec], aff, s, v

@@ -31,7 +31,8 @@ from .store import provenance_mismatch
 # %% auto #0
 __all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'ENCODER_INITS', 'OUTLIER_ACTIONS', 'RUN_FILES', 'TrainConfig', 'BatchSource',
            'TensorSource', 'CacheSource', 'lr_factor', 'input_scale', 'fold_input_scale', 'read_checkpoint',
-           'TrainingDiverged', 'Trainer', 'TrainingInterrupted', 'train', 'read_metrics']
+           'TrainingDiverged', 'Trainer', 'TrainingInterrupted', 'train', 'on_rank0', 'run_state', 'truncate_metrics',
+           'read_metrics']
 
 # %% ../nbs/08_train.ipynb #97b60e2e
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
@@ -404,7 +405,7 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
                 locks.enter_context(locked(folder / f".{name}.lock", f"the run folder {folder / name}"))
             return str(folder)
 
-        folder = Path(prepare() if comm is None else _on_rank0(comm, prepare))  # rank 0 alone locks and writes
+        folder = Path(prepare() if comm is None else on_rank0(comm, prepare))  # rank 0 alone locks and writes
         return _train_locked(cfgs, source, folder, resume, overwrite, device, progress, stop_after, wandb, comm)
 
 
@@ -420,7 +421,7 @@ def _same_configs(comm, cfgs: list[TrainConfig]) -> None:
                             "launch every rank with the same options")
 
 
-def _on_rank0(comm, fn):
+def on_rank0(comm, fn):
     "fn()'s result, computed by rank 0 alone and shared with every rank; its error stops every rank."
     result, error = None, None
     if comm.rank == 0:
@@ -436,7 +437,7 @@ def _on_rank0(comm, fn):
     return shared[0]
 
 
-def _run_state(run: Path, resume: bool, overwrite: bool) -> str:
+def run_state(run: Path, resume: bool, overwrite: bool) -> str:
     "What to do with a run folder: 'new', 'resume', 'finished' (resume asked, nothing left) or 'replace'."
     clean_leftovers(run)  # a killed replacement of the whole folder
     for name in RUN_FILES:
@@ -467,9 +468,9 @@ def _train_locked(cfgs: list[TrainConfig], source: BatchSource, out_dir: Path, r
 
     def run_states() -> dict:
         "What to do with each run folder."
-        return {c.name: _run_state(out_dir / c.name, resume, overwrite) for c in cfgs}
+        return {c.name: run_state(out_dir / c.name, resume, overwrite) for c in cfgs}
 
-    states = run_states() if comm is None else _on_rank0(comm, run_states)
+    states = run_states() if comm is None else on_rank0(comm, run_states)
     paths, trainers, staged = {}, [], {}
     for c in cfgs:
         run = out_dir / c.name
@@ -528,7 +529,7 @@ def _run(trainers: list[Trainer], source: BatchSource, resume: bool, progress: b
         if resume and t.checkpoint_path.exists():
             t.load_checkpoint()
         if writer:
-            _truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
+            truncate_metrics(t.out_dir, t.step_idx)  # drop lines logged after the checkpoint (all, when starting anew)
     start = min(t.step_idx for t in trainers)
     stream = source.batches(share, seed=seed, start=start)
     runs = _wandb_runs(wandb if writer else None, trainers)  # [None, ...] without a project (and on ranks other than 0)
@@ -614,7 +615,7 @@ def _metrics_lines(path: Path) -> list[dict]:
     return out
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: Path, step: int) -> None:
     "Keep only the metrics lines up to the given step (before resuming from it), atomically."
     path = run_dir / "metrics.jsonl"
     if path.exists():

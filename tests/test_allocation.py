@@ -174,8 +174,8 @@ def test_mutual_choice_threshold_fallback():
     "A sample that overestimates the threshold (sampled entries large, the rest smaller) still gives the exact result."
     B, F = 64, 8192
     z = torch.full((B * F,), 0.5)
-    from mcsae.allocation import _sample_stride
-    z[:: _sample_stride(B * F, F)] = 1.0
+    from mcsae.allocation import sample_stride
+    z[:: sample_stride(B * F, F)] = 1.0
     z = z.view(B, F)
     K = B * F // 2
     assert same(mutual_choice_allocation(z, K), batchtopk_reference(z, K))
@@ -222,7 +222,7 @@ def test_bf16_affinities_with_many_ties():
 @pytest.mark.parametrize("levels", [2, 50, 200])
 def test_topk_ties_within_and_beyond_the_second_topk(levels):
     "Boundary ties resolved from the 2k+1 largest (few equal values) or the whole row in chunks (many): both exact."
-    from mcsae.allocation import _break_ties
+    from mcsae.allocation import break_ties
     gen = torch.Generator().manual_seed(levels)
     z = (torch.rand(120, 900, generator=gen) * levels).floor() / levels  # [120, 900], heavy ties
     for k in (1, 7, 33):
@@ -230,7 +230,7 @@ def test_topk_ties_within_and_beyond_the_second_topk(levels):
         assert same(topk_allocation(z, k), ref)
         vals = torch.topk(z, k + 1, dim=1).values
         rows = ((vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > 0)).nonzero().flatten()
-        picks = _break_ties(z, rows, k, chunk=2000)  # tiny chunks: the whole-row search runs several times
+        picks = break_ties(z, rows, k, chunk=2000)  # tiny chunks: the whole-row search runs several times
         mask = torch.zeros_like(ref)
         mask[rows.unsqueeze(1), picks] = True
         assert torch.equal(mask[rows], ref[rows])

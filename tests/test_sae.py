@@ -38,14 +38,14 @@ def test_sparse_path_matches_dense_reference(kind, caps, seed):
 def test_split_feature_bags_equal_whole_bags(max_bag):
     "The GPU's split per-feature sums (long bags cut into pieces) equal one bag per feature."
     from mcsae.allocation import feature_choice_allocation, zipf_capacities
-    from mcsae.sae import _feature_sums, by_feature
+    from mcsae.sae import feature_sums, by_feature
     gen = torch.Generator().manual_seed(max_bag)
     z = torch.randn(200, 50, generator=gen).relu()
     alloc = feature_choice_allocation(z, zipf_capacities(50, 600, s=1.2, max_per_feature=200))  # skewed: long bags
     order = by_feature(alloc)
     table, w = torch.randn(200, 7, dtype=torch.float64, generator=gen), torch.randn(alloc.feature.numel(), dtype=torch.float64, generator=gen)
-    whole = _feature_sums(order, table, w, max_bag=0)
-    torch.testing.assert_close(_feature_sums(order, table, w, max_bag=max_bag), whole)
+    whole = feature_sums(order, table, w, max_bag=0)
+    torch.testing.assert_close(feature_sums(order, table, w, max_bag=max_bag), whole)
     dense = torch.zeros(50, 7, dtype=torch.float64).index_add_(0, alloc.feature[order.perm], w.unsqueeze(1) * table[order.token])
     torch.testing.assert_close(whole, dense)
 
@@ -237,7 +237,7 @@ def test_variant_ids_and_labels():
 def test_pair_dots_private_op_equals_public_reference():
     "The fast path (private aten op) and the public fallback give the same dot products, also in float64 and bf16."
     from mcsae.allocation import allocate
-    from mcsae.sae import _private_pair_dots, pair_dots, pair_dots_reference, private_op_works
+    from mcsae.sae import private_pair_dots, pair_dots, pair_dots_reference, private_op_works
     assert private_op_works(), "the private op is missing or changed on this torch: the fallback is in use"
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
@@ -245,7 +245,7 @@ def test_pair_dots_private_op_equals_public_reference():
         for kind in ("topk", "mutual_choice", "feature_choice"):
             alloc = allocate(z, kind, k=6)
             g, w = torch.randn(64, 24, generator=gen, dtype=dtype), torch.randn(96, 24, generator=gen, dtype=dtype)
-            torch.testing.assert_close(_private_pair_dots(g, w, alloc), pair_dots_reference(g, w, alloc))
+            torch.testing.assert_close(private_pair_dots(g, w, alloc), pair_dots_reference(g, w, alloc))
             torch.testing.assert_close(pair_dots_reference(g, w, alloc, chunk=5), pair_dots_reference(g, w, alloc))
             torch.testing.assert_close(pair_dots(g, w, alloc), pair_dots_reference(g, w, alloc))
 
