@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def main(argv=None):
     import torch
 
     from mcsae.static import StaticStep
-    from mcsae.train import TrainConfig, Trainer
+    from mcsae.trainer import TrainConfig, Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +50,7 @@ def main(argv=None):
     for kind in args.kinds:
         cfg = TrainConfig(kind=kind, n_features=args.features, k=args.k, batch_size=args.batch,
                           n_tokens=args.batch * 100)
-        ts = [Trainer(cfg, args.d, tempfile.mkdtemp(prefix="mcsae-ab-"), device=args.device) for _ in range(3)]
+        ts = [Trainer(cfg, args.d, device=args.device) for _ in range(3)]
         for t in ts:
             t.initialize(xs[0])
         static, compiled = StaticStep(ts[1], args.batch), StaticStep(ts[2], args.batch).compiled(mode=mode)

@@ -15,15 +15,15 @@ Implementations (``--impl``):
                       exactly as SAETrainer._train_step does.  Dense activations (their default).
   saelens-topk-sparse same, with use_sparse_activations=True (COO activations + torch.sparse.mm).
   saelens-batchtopk   SAE Lens BatchTopKTrainingSAE (same trainer step + threshold EMA update).
-  mcsae-topk / mcsae-fc / mcsae-mc
-                      mcsae.train.Trainer(TrainConfig(kind=topk|feature_choice|mutual_choice)).step:
+  mcsae-topk / mcsae-feature_choice-zipf / mcsae-mutual_choice
+                      mcsae.trainer.Trainer(TrainConfig(kind=topk|feature_choice|mutual_choice)).step:
                       exactly one step of mcsae training (aux="none").  Run with the project's
                       interpreter (``--mcsae-python``, PYTHONPATH=repo root); rows say
                       "skipped: ..." when mcsae.train is not importable.
-  mcsae-{topk,fc,mc}-static
+  mcsae-{topk,feature_choice-zipf,mutual_choice}-static
                       the same training step through mcsae.static.StaticStep (fixed slots, no host
                       sync), run eagerly.
-  mcsae-{topk,fc,mc}-compiled
+  mcsae-{topk,feature_choice-zipf,mutual_choice}-compiled
                       StaticStep compiled with torch.compile(fullgraph=True, dynamic=False); on CUDA
                       with mode="reduce-overhead" (CUDA graphs) unless --compile-mode says otherwise.
                       The first (warm-up) step includes the compilation: see the first_step_s column.
@@ -56,7 +56,7 @@ VENV_PY = HERE / ".venv" / "bin" / "python"
 
 BASELINES = ["sparsify-topk", "saelens-topk", "saelens-batchtopk"]
 OPTIONAL = ["saelens-topk-sparse"]
-MCSAE = {"mcsae-topk": "topk", "mcsae-fc": "feature_choice", "mcsae-mc": "mutual_choice"}
+MCSAE = {"mcsae-topk": "topk", "mcsae-feature_choice-zipf": "feature_choice", "mcsae-mutual_choice": "mutual_choice"}
 MCSAE_STEP = {f"{name}-{step}": (kind, step) for name, kind in MCSAE.items() for step in ("static", "compiled")}
 MCSAE_STEP.update({name: (kind, "eager") for name, kind in MCSAE.items()})
 ALL_IMPLS = ["matmul", *BASELINES, *OPTIONAL, *MCSAE, *(n for n in MCSAE_STEP if n not in MCSAE)]
@@ -208,16 +208,14 @@ def build_saelens(torch, F, d, k, first_x, device="cpu", autocast=False, batchto
 
 
 def build_mcsae(torch, F, d, k, first_x, kind, device="cpu", autocast=False, step_kind="eager", compile_mode=None):
-    # Exactly what mcsae training runs per batch: mcsae.train.Trainer.step (scale the input, forward,
+    # Exactly what mcsae training runs per batch: mcsae.trainer.Trainer.step (scale the input, forward,
     # nmse (aux="none"), backward, remove_parallel_grads, clip_grad_norm_, Adam, normalize_decoder,
     # FeatureStats.update), after Trainer.initialize (input scale, b_dec = geometric median).
-    import tempfile
-
-    from mcsae.train import TrainConfig, Trainer
+    from mcsae.trainer import TrainConfig, Trainer
 
     B = first_x.shape[0]
     cfg = TrainConfig(kind=kind, n_features=F, k=k, batch_size=B, n_tokens=B * 100, autocast=autocast)
-    trainer = Trainer(cfg, d, out_dir=tempfile.mkdtemp(prefix="mcsae-bench-"), device=device)
+    trainer = Trainer(cfg, d, device=device)  # no out_dir: it writes nothing
     trainer.initialize(first_x)
 
     def step(x):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .allocation import csr_offsets, uniform_capacities, zipf_capacities
 from .sae import (SAE, FeatureOrder, weighted_bag_sums, feature_sums, private_pair_dots, ema_update_, pair_dots_reference,
                        private_op_works, ranks_by_demand)
-from .train import Trainer, TrainingDiverged, lr_factor
+from .trainer import Trainer, TrainingDiverged, lr_factor
 
 # %% auto #0
 __all__ = ['ordered_bits', 'sort_key', 'key_index', 'Slots', 'topk_slots', 'mutual_choice_slots', 'CapacityPlan', 'capacity_plan',
@@ -277,7 +277,7 @@ class StaticStep(nn.Module):
     @torch.no_grad()
     def gradients(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Slots, Tensor]:
         "Losses and gradients of W_dec, W_enc, b_enc, b_dec for scaled activations x [B, d], as autograd gives them."
-        cfg, sae = self.cfg, self.trainer.sae
+        cfg = self.cfg
         W_dec, W_enc, b_enc, b_dec = self.params
         B = x.shape[0]
         x_c = x - b_dec  # [B, d]

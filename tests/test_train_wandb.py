@@ -71,3 +71,20 @@ def test_cli_wandb_option(tmp_path, monkeypatch, capsys):
         main(["train", "--out", str(tmp_path / "runs"), "--cache", str(cache), "--n-features", "16", "--k", "2",
               "--n-tokens", "128", "--batch-size", "64", "--wandb", "proj"])
     assert capsys.readouterr().err == "mcsae: error: --wandb needs the wandb package: pip install wandb (or leave --wandb out)\n"
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, source, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    inits: list[dict] = []
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: (inits.append(kw), real_init(**kw))[1])
+    cfg = TrainConfig(kind="feature_choice", **{**BASE, "checkpoint_every": 3})
+    train(cfg, source, tmp_path, progress=False, wandb="mcsae-test", stop_after=6)  # stopped after step 6
+    train(cfg, source, tmp_path, progress=False, wandb="mcsae-test", resume=True)
+    assert len(inits) == 2 and inits[0]["id"] and inits[1]["id"] == inits[0]["id"]  # one W&B run, continued
+    assert inits[1]["resume"] == "allow"
+    assert [m["step"] for m in read_metrics(tmp_path / cfg.name)] == [3, 6, 9, 12]
+    train(cfg, source, tmp_path, progress=False, wandb="mcsae-test", overwrite=True)  # a new run: a new W&B run
+    assert inits[2]["id"] != inits[0]["id"]
