@@ -84,7 +84,8 @@ def spearman(a: Tensor, b: Tensor) -> float:
 @torch.no_grad()
 def adaptive_computation(sae: SAE, reference: SAE, batches: Iterable[Tensor], mode: str = "batch", n_bins: int = 10) -> dict:
     "Per-token L0 of sae against the token's difficulty (normalised error under the fixed-k reference SAE)."
-    sae.eval(); reference.eval()
+    sae.eval()
+    reference.eval()
     l0s, errs, xs = [], [], []
     for x in batches:
         x = x.to(sae.W_enc.device, sae.W_enc.dtype)

@@ -16,7 +16,8 @@ from .io import require
 plt = require("matplotlib.pyplot", "reproduce")
 
 # %% auto #0
-__all__ = ['plt', 'COLORS', 'color', 'use_style', 'mean_std', 'pm', 'load_json', 'describe_source', 'save_figure', 'write_notes']
+__all__ = ['plt', 'COLORS', 'color', 'use_style', 'mean_std', 'pm', 'paired_difference', 'verdict', 'load_json',
+           'describe_source', 'save_figure', 'write_notes']
 
 # %% ../nbs/10_plots.ipynb #fdbf3b8f
 COLORS = {"topk": "#1f77b4", "feature_choice-zipf": "#ff7f0e", "feature_choice-uniform": "#2ca02c", "mutual_choice": "#d62728"}
@@ -47,6 +48,21 @@ def pm(xs, digits: int = 3, scale: float = 1.0, n: bool = True) -> str:
     "'mean ± std (n = …)' of xs, times scale."
     m, s, k = mean_std(xs)
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" + (f" (n = {k})" if n else "")
+
+# %% ../nbs/10_plots.ipynb #efa809a0
+def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
+    "Mean, sd and count over the seeds both have of b[seed] - a[seed] (dicts seed -> value)."
+    return mean_std(b[s] - a[s] for s in sorted(a.keys() & b.keys()))
+
+
+def verdict(d: float, sd: float, n: int, better_if_negative: bool = True) -> str:
+    "'better', 'worse', 'within seed noise', or '… (one seed, no error bar)' for a paired difference (mean, sd, n)."
+    if n == 0 or not math.isfinite(d):
+        return "not measured"
+    if n > 1 and abs(d) <= sd:
+        return "within seed noise"
+    word = "better" if (d < 0) == better_if_negative else "worse"
+    return word if n > 1 else f"{word} (one seed, no error bar)"
 
 # %% ../nbs/10_plots.ipynb #fd9a75fc
 def load_json(results_dir: str | Path, name: str) -> dict:
