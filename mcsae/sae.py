@@ -24,8 +24,8 @@ from .io import UserError, atomic_write, check_field, is_int, is_number, read_sa
 __all__ = ['KINDS', 'VARIANTS', 'PRIVATE_OP', 'CHECKPOINT_FORMAT', 'SAEConfig', 'variant_id', 'FeatureOrder', 'by_feature',
            'SparseCodes', 'SAEOutput', 'weighted_bag_sums', 'feature_sums', 'SparseEncode', 'pair_dots_reference',
            'private_pair_dots', 'private_op_works', 'pair_dots', 'SparseDecode', 'ema_update_', 'mc_batch_threshold',
-           'fc_batch_thresholds', 'ranks_by_demand', 'SAE', 'geometric_median', 'encoder_gain', 'scale_encoder',
-           'dense_reference']
+           'fc_batch_thresholds', 'ranks_by_demand', 'fc_capacities', 'SAE', 'track_batch', 'geometric_median',
+           'encoder_gain', 'scale_encoder', 'dense_reference']
 
 # %% ../nbs/02_sae.ipynb #bbcaf23f
 KINDS = ALLOCATION_KINDS  # "topk" | "feature_choice" | "mutual_choice": an SAE is named by its allocation rule
@@ -252,6 +252,16 @@ def ranks_by_demand(demand: Tensor) -> Tensor:
     ranks[order] = torch.arange(1, demand.numel() + 1, device=demand.device)
     return ranks
 
+# %% ../nbs/02_sae.ipynb #566a0dce
+def fc_capacities(cfg: SAEConfig, ranks: Tensor, n_tokens: int) -> Tensor:
+    "Feature Choice capacities for a batch of n_tokens: k * n_tokens tokens shared by the features' ranks [F], long [F]."
+    F_, budget = cfg.n_features, cfg.k * n_tokens
+    if cfg.capacities == "uniform":
+        return uniform_capacities(F_, budget)
+    floor = 1 if budget >= F_ else 0  # every feature is offered at least one token per batch
+    return floor + zipf_capacities(F_, budget - floor * F_, s=cfg.zipf_s, max_per_feature=n_tokens - floor,
+                                   ranks=ranks.cpu())
+
 # %% ../nbs/02_sae.ipynb #1e86a41c
 class SAE(nn.Module):
     "TopK, Feature Choice or Mutual Choice sparse autoencoder."
@@ -286,21 +296,12 @@ class SAE(nn.Module):
 
     # ---- allocation --------------------------------------------------------------------------
     def capacities(self, n_tokens: int) -> Tensor:
-        "Feature Choice capacities m_i for a batch of n_tokens (sum k * n_tokens), long [F]."
+        "Feature Choice capacities m_i for a batch of n_tokens (sum k * n_tokens), long [F]; cached until re-ranking."
         key = (n_tokens, self.ranks._version)  # _version changes whenever the ranks are rewritten
         cached = self._capacity_cache.get("caps")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        F_, budget = self.cfg.n_features, self.cfg.k * n_tokens
-        if self.cfg.capacities == "uniform":
-            caps = uniform_capacities(F_, budget)
-        else:
-            floor = 1 if budget >= F_ else 0  # every feature is offered at least one token per batch
-            caps = floor + zipf_capacities(F_, budget - floor * F_, s=self.cfg.zipf_s, max_per_feature=n_tokens - floor,
-                                           ranks=self.ranks.cpu())
-        caps = caps.to(self.W_enc.device)
-        self._capacity_cache["caps"] = (key, caps)
-        return caps
+        if cached is None or cached[0] != key:
+            self._capacity_cache["caps"] = (key, fc_capacities(self.cfg, self.ranks, n_tokens).to(self.W_enc.device))
+        return self._capacity_cache["caps"][1]
 
     def select(self, aff: Tensor, mode: str = "batch") -> Allocation:
         "Which (token, feature) pairs are active, from affinities aff [B, F]."
@@ -351,26 +352,10 @@ class SAE(nn.Module):
             self.update_statistics(aff, codes)
         return SAEOutput(self.decode(codes), codes, aff)
 
-    # ---- what training tracks (the functions above) ---------------------------------------
-    @torch.no_grad()
+    # ---- what training tracks (the functions above and track_batch below) ----------------------
     def update_statistics(self, aff: Tensor, codes: SparseCodes) -> None:
         "Update the inference thresholds and (FC) the demand EMA and ranks after a training batch."
-        cfg, later = self.cfg, (self.step > 0).double()  # a 0-d tensor, so that a GPU need not wait for the host here
-        beta, gamma = later * cfg.ema_decay, later * cfg.threshold_decay  # float64, like the Python floats they stand for
-        vals = codes.values.detach().to(self.thresholds.dtype)  # [nnz] (bf16 under autocast)
-        if cfg.kind == "mutual_choice":
-            theta = mc_batch_threshold(aff, vals) if self.comm is None else self.comm.mc_threshold(aff, vals)  # 0-d
-            ema_update_(self.thresholds, theta, gamma)
-        elif cfg.kind == "feature_choice":
-            n_tokens, reduce = aff.shape[0], None
-            if self.comm is not None:  # the global batch's capacities, thresholds and column sums
-                n_tokens, reduce = self.comm.global_tokens(n_tokens), self.comm.all_reduce
-            ema_update_(self.thresholds, fc_batch_thresholds(aff, codes.alloc, vals, self.capacities(n_tokens), reduce), gamma)
-            column_sums = (aff.new_ones(aff.shape[0]) @ aff).to(self.demand.dtype)  # [F]
-            ema_update_(self.demand, column_sums if reduce is None else reduce(column_sums, "sum"), beta)
-            if int(self.step) % cfg.rank_every == 0:
-                self.ranks.copy_(ranks_by_demand(self.demand))
-        self.step += 1
+        track_batch(self, aff, codes)
 
     # ---- decoder geometry --------------------------------------------------------------------
     @torch.no_grad()
@@ -434,6 +419,27 @@ class SAE(nn.Module):
         c = self.cfg
         return f"kind={c.kind}, d_in={c.d_in}, n_features={c.n_features}, k={c.k}" + (
             f", capacities={c.capacities}(s={c.zipf_s})" if c.kind == "feature_choice" else "")
+
+# %% ../nbs/02_sae.ipynb #a996d4e6
+@torch.no_grad()
+def track_batch(sae: SAE, aff: Tensor, codes: SparseCodes) -> None:
+    "Update sae's inference thresholds and (FC) its demand EMA and ranks after a training batch with affinities aff [B, F]."
+    cfg, later = sae.cfg, (sae.step > 0).double()  # a 0-d tensor, so that a GPU need not wait for the host here
+    beta, gamma = later * cfg.ema_decay, later * cfg.threshold_decay  # float64, like the Python floats they stand for
+    vals = codes.values.detach().to(sae.thresholds.dtype)  # [nnz] (bf16 under autocast)
+    if cfg.kind == "mutual_choice":
+        theta = mc_batch_threshold(aff, vals) if sae.comm is None else sae.comm.mc_threshold(aff, vals)  # 0-d
+        ema_update_(sae.thresholds, theta, gamma)
+    elif cfg.kind == "feature_choice":
+        n_tokens, reduce = aff.shape[0], None
+        if sae.comm is not None:  # the global batch's capacities, thresholds and column sums
+            n_tokens, reduce = sae.comm.global_tokens(n_tokens), sae.comm.all_reduce
+        ema_update_(sae.thresholds, fc_batch_thresholds(aff, codes.alloc, vals, sae.capacities(n_tokens), reduce), gamma)
+        column_sums = (aff.new_ones(aff.shape[0]) @ aff).to(sae.demand.dtype)  # [F]
+        ema_update_(sae.demand, column_sums if reduce is None else reduce(column_sums, "sum"), beta)
+        if int(sae.step) % cfg.rank_every == 0:
+            sae.ranks.copy_(ranks_by_demand(sae.demand))
+    sae.step += 1
 
 # %% ../nbs/02_sae.ipynb #e1bc4844
 @torch.no_grad()
