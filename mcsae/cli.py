@@ -21,8 +21,8 @@ from .dashboard import DashboardConfig, dashboard_run
 from .distributed import StreamSource, init_data_parallel
 from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel
-from .interop import export_saelens, external_format, load_external
-from .io import UserError, writable_dir
+from .interop import export_saelens, external_format, imported_mismatch, load_external
+from .io import UserError, creatable_dir
 from .models import ActivationConfig, resolve_device
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
 from .store import build_cache, hook_label, open_cache
@@ -133,12 +133,35 @@ def _training_cache(args, acfg: ActivationConfig, out: Path):
                         f"as it is, or choose another --out") from None
 
 
-def cmd_train(args) -> None:
-    "Train one SAE per --kind on one stream of activations."
-    acfg = dataclass_from_args(ActivationConfig, args)
+def _missing_dirs(path: Path) -> list[Path]:
+    "path and its ancestors that do not exist yet, deepest first."
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    "Remove the folders of dirs (deepest first) that exist and are empty."
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (a run was written), or already gone
+            return
+
+
+def _train_configs(args) -> list[TrainConfig]:
+    "One TrainConfig per --kind (several kinds: each named after its kind, ignoring --name)."
     kinds = [k.strip() for k in str(getattr(args, "kind", "topk")).split(",") if k.strip()]
     name = getattr(args, "name", "")
-    cfgs = [dataclass_from_args(TrainConfig, args, kind=k, name="" if len(kinds) > 1 else name) for k in kinds]
+    return [dataclass_from_args(TrainConfig, args, kind=k, name="" if len(kinds) > 1 else name) for k in kinds]
+
+
+def cmd_train(args) -> None:
+    "Train one SAE per --kind on one stream of activations."
+    cfgs = _train_configs(args)  # first: --n-tokens, --batch-size and --seed are the training's (TrainConfig's) options
+    acfg = dataclass_from_args(ActivationConfig, args)
     if args.stream and args.cache:
         raise UserError("--stream runs the model instead of reading a cache: drop --cache or --stream")
     if args.parallel == "features" and len(cfgs) != 1:
@@ -146,25 +169,30 @@ def cmd_train(args) -> None:
     if args.parallel == "features" and args.wandb:
         raise UserError("--wandb does not log feature-parallel runs yet: leave out --wandb (metrics.jsonl has every line)")
     device = resolve_device(acfg.device)
-    out = writable_dir(args.out)  # all of this before any work
-    comm = None if args.parallel == "none" else init_data_parallel(timeout_s=args.dist_timeout)  # one rank of torchrun's
-    if comm is not None:
-        device = comm.local_device(device)  # cuda: this rank's GPU
-        acfg = dataclasses.replace(acfg, device=str(device))
-    if args.stream:  # with --parallel data each rank runs the model on its own share of the corpus
-        source = StreamSource(acfg, comm=comm if args.parallel == "data" else None)
-    else:
-        cache_path = Path(args.cache) if args.cache else out / "activations"
-        if comm is not None and not (cache_path / "manifest.json").exists():
-            raise UserError(f"no activation cache at {cache_path}: build it in one process with `mcsae cache --out "
-                            f"{cache_path}`, then launch torchrun with --cache {cache_path}")
-        source = CacheSource(_training_cache(args, acfg, out))
-    if args.parallel == "features":
-        paths = [train_feature_parallel(cfgs[0], source, out, comm, resume=args.resume, overwrite=args.overwrite,
-                                        device=device)]
-    else:
-        paths = train(cfgs, source, out, resume=args.resume, overwrite=args.overwrite, device=device, wandb=args.wandb,
-                      comm=comm)
+    out = creatable_dir(args.out)  # all of this before any work, creating nothing: a refused command leaves no folder
+    created = _missing_dirs(out)  # folders this command creates: removed again if it stops while they are empty
+    try:
+        comm = None if args.parallel == "none" else init_data_parallel(timeout_s=args.dist_timeout)  # one rank of torchrun's
+        if comm is not None:
+            device = comm.local_device(device)  # cuda: this rank's GPU
+            acfg = dataclasses.replace(acfg, device=str(device))
+        if args.stream:  # with --parallel data each rank runs the model on its own share of the corpus
+            source = StreamSource(acfg, comm=comm if args.parallel == "data" else None)
+        else:
+            cache_path = Path(args.cache) if args.cache else out / "activations"
+            if comm is not None and not (cache_path / "manifest.json").exists():
+                raise UserError(f"no activation cache at {cache_path}: build it in one process with `mcsae cache --out "
+                                f"{cache_path}`, then launch torchrun with --cache {cache_path}")
+            source = CacheSource(_training_cache(args, acfg, out))
+        if args.parallel == "features":
+            paths = [train_feature_parallel(cfgs[0], source, out, comm, resume=args.resume, overwrite=args.overwrite,
+                                            device=device)]
+        else:
+            paths = train(cfgs, source, out, resume=args.resume, overwrite=args.overwrite, device=device, wandb=args.wandb,
+                          comm=comm)
+    except BaseException:
+        _remove_empty(created)
+        raise
     if comm is None or comm.rank == 0:
         for path in paths:
             print(path)
@@ -182,6 +210,10 @@ def cmd_evaluate(args) -> None:
             res = evaluate_run(run, cache, **kw)
         else:
             imp = load_external(run, device=device, k=args.k)
+            diff = imported_mismatch(imp, cache.provenance)
+            if diff:
+                raise UserError(f"{run} records other activations than the cache {cache.path} holds ({diff}; SAE vs "
+                                f"cache): evaluate it on a cache of its model and hook")
             res = evaluate_run(Path(args.out) / imp.name, cache, modes=imp.modes, sae=imp.sae, batch_size=imp.batch_size, **kw)
         summary = {m: {k: round(r[k], 4) for k in ("nmse", "explained_variance", "l0_mean", "dead_frac_eval")}
                    for m, r in res["modes"].items()}
@@ -274,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cache", help="activation cache the SAE was trained on, for the model and hook names (default RUN/../activations)")
     x.add_argument("--model-name", help="SAE Lens metadata model_name (default: mapped from the cache's model)")
     x.add_argument("--hook-name", help="SAE Lens metadata hook_name (default: mapped from the cache's hook)")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (refused if it holds "
+                   "anything else)")
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("dashboard", help="write a static HTML feature dashboard of a trained SAE")
@@ -285,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "'none': no model, tokens shown as ids)")
     d.add_argument("--compare", default=None, help="comma-separated run folders shown beside in the adaptive-computation view")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier dashboard at OUT (refused if it holds "
+                   "anything else)")
     add_dataclass_options(d, DashboardConfig)
     d.set_defaults(func=cmd_dashboard)
 
@@ -321,7 +355,9 @@ def _interrupted(e: KeyboardInterrupt, args, argv: list[str]) -> str:
     if args.overwrite:
         return f"{where}; to start over, run the same command again"
     command = ["mcsae", *argv] + ([] if args.resume else ["--resume"])
-    return f"{where}; resume with: {shlex.join(command)}"
+    saved = [str(p) for c in _train_configs(args) if (p := Path(args.out) / c.name / "checkpoint.pt").is_file()]
+    kept = f"; checkpoint{'s' if len(saved) > 1 else ''} kept: {', '.join(saved)}" if saved else ""
+    return f"{where}{kept}; resume with: {shlex.join(command)}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,7 +138,7 @@ def pack_documents(
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     body = context_length - (bos is not None)
     if body < 1:
-        raise ValueError(f"context_length {context_length} is too short")
+        raise UserError(f"context_length (--context-length) {context_length} is too short: use at least {2 if bos is not None else 1}")
     stream: list[int] = []
     contexts: list[list[int]] = []
 
@@ -161,7 +161,8 @@ def pack_documents(
                 break
     contexts = contexts[:n_contexts] if n_contexts is not None else contexts
     if not contexts:
-        raise ValueError(f"empty corpus: no complete context of {context_length} tokens could be packed")
+        raise UserError(f"empty corpus: its {len(stream)} tokens fill no complete context of {context_length} tokens: use a "
+                        f"longer corpus or a smaller --context-length")
     return torch.tensor(contexts, dtype=torch.long)  # [N, T]
 
 
@@ -189,7 +190,10 @@ def corpus_tokens(cfg: ActivationConfig, tokenizer: Any) -> Tensor:
     "Packed, context-shuffled token ids [N, T] for a config's corpus."
     docs = load_documents(cfg.corpus, cfg.corpus_config, cfg.split, cfg.text_column, cfg.streaming, cfg.seed)
     n_ctx = contexts_needed(cfg.n_tokens, cfg.context_length, tokenizer.bos_token_id is not None)
-    tokens = pack_documents(docs, tokenizer, cfg.context_length, n_ctx)  # [N, T]
+    try:
+        tokens = pack_documents(docs, tokenizer, cfg.context_length, n_ctx)  # [N, T]
+    except UserError as e:
+        raise UserError(f"corpus {cfg.corpus!r}: {e}") from None
     if n_ctx is not None and len(tokens) < n_ctx:
         warnings.warn(
             f"corpus {cfg.corpus!r} holds only {len(tokens)} contexts of {cfg.context_length} tokens, "

@@ -9,6 +9,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,16 +21,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .io import UserError, atomic_dir, check_field, commit_dir, is_int
+from .io import UserError, atomic_dir, check_field, check_replaceable, commit_dir, is_int
 from .models import load_model
 from .sae import SAE, VARIANTS, variant_id
-from .store import ActivationCache, open_cache
+from .store import ActivationCache, open_cache, provenance_mismatch
 
 # %% auto #0
-__all__ = ['DashboardConfig', 'parse_features', 'ContextLayout', 'topn_merge', 'TopN', 'histogram_update', 'FeatureCollector',
-           'select_pairs', 'collect', 'logit_effects', 'token_texts', 'render_context', 'histogram_svg',
-           'variant_label', 'feature_page', 'index_page', 'adaptive_page', 'write_site', 'build_dashboard',
-           'dashboard_run']
+__all__ = ['SITE_FILES', 'DashboardConfig', 'parse_features', 'ContextLayout', 'topn_merge', 'TopN', 'histogram_update',
+           'FeatureCollector', 'check_activations', 'select_pairs', 'collect', 'logit_effects', 'token_texts',
+           'render_context', 'histogram_svg', 'variant_label', 'feature_page', 'index_page', 'adaptive_page',
+           'site_files', 'write_site', 'build_dashboard', 'dashboard_run']
 
 # %% ../nbs/13_dashboard.ipynb #ce60fbaf
 @dataclass
@@ -64,10 +65,16 @@ class DashboardConfig:
         check_field(self.split in ("all", "train", "eval"), owner, "split", self.split, "'all', 'train' or 'eval'")
         check_field(self.n_tokens is None or (is_int(self.n_tokens) and self.n_tokens >= 1), owner, "n_tokens",
                     self.n_tokens, "an integer >= 1, or None for the whole split")
-        if isinstance(self.features, int):  # the command line reads "--features 5" as a number
+        if is_int(self.features):  # the command line reads "--features 5" as a number
             self.features = str(self.features)
         if isinstance(self.features, str):
-            self.features = parse_features(self.features)
+            try:
+                self.features = parse_features(self.features)
+            except UserError as e:
+                raise UserError(f"{owner}.features (--features): {e}") from None
+        check_field(self.features is None or (isinstance(self.features, (list, tuple)) and all(is_int(f) and f >= 0
+                    for f in self.features)), owner, "features", self.features,
+                    "numbers and ranges such as '0-99,512', a list of feature numbers >= 0, or None")
 
     @property
     def width(self) -> int:
@@ -285,6 +292,16 @@ def _context_range(cache: ActivationCache, layout: ContextLayout, split: str) ->
     return lo, hi
 
 
+def check_activations(sae: SAE, cache: ActivationCache, what: str = "the SAE") -> None:
+    "UserError unless the cache holds activations of the width, model and hook the SAE was trained on (where it records them)."
+    if sae.cfg.d_in != cache.d_model:
+        raise UserError(f"{what} takes d_in={sae.cfg.d_in} but the cache at {cache.path} holds d_model={cache.d_model}")
+    diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
+    if diff:
+        raise UserError(f"{what} was trained on other activations than the cache {cache.path} holds ({diff}; SAE vs cache): "
+                        f"pass --cache a cache of its model and hook")
+
+
 @torch.no_grad()
 def select_pairs(sae: SAE, x: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
     "The SAE's selected pairs on x [B, d]: token, feature, value [nnz] (no decoding)."
@@ -298,8 +315,7 @@ def select_pairs(sae: SAE, x: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor
 def collect(sae: SAE, cache: ActivationCache, cfg: DashboardConfig | None = None, progress: bool = True) -> FeatureCollector:
     "One streaming pass over a cache: every per-feature summary a dashboard shows, plus the text-view passages."
     cfg = cfg or DashboardConfig()
-    if sae.cfg.d_in != cache.d_model:
-        raise UserError(f"the SAE takes d_in={sae.cfg.d_in} but the cache at {cache.path} holds d_model={cache.d_model}")
+    check_activations(sae, cache)
     sae.eval()
     layout = ContextLayout.from_cache(cache)
     lo, hi = _context_range(cache, layout, cfg.split)
@@ -596,6 +612,21 @@ def adaptive_page(col: FeatureCollector, tokens: np.ndarray, text: Callable[[int
     return _page("Adaptive computation", "\n".join(parts))
 
 
+SITE_FILES = ("index.html", "adaptive.html", "style.css", "dashboard.js", "dashboard.json", "features")
+
+
+def site_files(path: Path) -> set[str] | None:
+    "What a dashboard mcsae wrote at path consists of (None: no dashboard.json of mcsae's there)."
+    try:
+        meta = json.loads((Path(path) / "dashboard.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "sae" not in meta:
+        return None
+    pages = {f"features/{p.name}" for p in (Path(path) / "features").glob("f*.html") if re.fullmatch(r"f\d{5,}\.html", p.name)}
+    return set(SITE_FILES) | pages
+
+
 def write_site(col: FeatureCollector, out_dir: str | Path, tokens: np.ndarray, tokenizer: Any | None = None,
                logits: dict[str, Tensor] | None = None, label: str = "SAE", compare: dict[str, list[list[int]]] | None = None,
                about: str = "") -> Path:
@@ -637,11 +668,14 @@ def build_dashboard(sae: SAE, cache: ActivationCache | str | os.PathLike, out_di
     cfg = cfg or DashboardConfig()
     cache = cache if isinstance(cache, ActivationCache) else open_cache(cache)
     out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; choose another folder or pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(out, overwrite, site_files, "a feature dashboard")
+    missing = [f for f in cfg.features or [] if f >= sae.cfg.n_features]
+    if missing:
+        raise UserError(f"no feature {missing[0]}{' and ' + str(len(missing) - 1) + ' more' if len(missing) > 1 else ''}: "
+                        f"the SAE has {sae.cfg.n_features} features; pass --features within 0-{sae.cfg.n_features - 1}")
+    check_activations(sae, cache)
     for name, other in (compare or {}).items():
-        if other.cfg.d_in != sae.cfg.d_in:
-            raise UserError(f"compared SAE {name!r} takes d_in={other.cfg.d_in}, not {sae.cfg.d_in}")
+        check_activations(other, cache, f"the compared SAE {name!r}")
     label = label or variant_label(sae.cfg)
     col = collect(sae, cache, cfg, progress=progress)
     logits = logit_effects(sae, model, cfg.n_logits) if model is not None else None
@@ -656,10 +690,11 @@ def build_dashboard(sae: SAE, cache: ActivationCache | str | os.PathLike, out_di
                    compare_l0, about)
         (tmp / "dashboard.json").write_text(json.dumps({"config": asdict(cfg), "sae": asdict(sae.cfg), "label": label,
                                                          "tokens": col.n_tokens, "cache": str(cache.path)}, indent=1))
+        check_replaceable(out, overwrite, site_files, "a feature dashboard")  # nothing of the user's appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_dir(tmp, out, overwrite=overwrite)
+    commit_dir(tmp, out, overwrite=True)  # out is new, or a dashboard of mcsae's holding nothing else
     return out / "index.html"
 
 # %% ../nbs/13_dashboard.ipynb #19002be0

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .io import UserError
+from .models import check_context_length
 
 # %% auto #0
 __all__ = ['HookPoint', 'transformer_blocks', 'n_layers', 'resolve_hook', 'replace_activation', 'model_device', 'capture',
@@ -38,7 +39,8 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
             return name, module
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: hook a module path instead")
+    raise UserError(f"cannot find the transformer blocks of {type(model).__name__}: pass --hook a module path (e.g. "
+                    f"'model.layers.3') instead of a block index")
 
 
 def n_layers(model: nn.Module) -> int:
@@ -162,6 +164,7 @@ def iter_activations(
 ) -> Iterator[Tensor]:
     "Yield the activations [n, d] of the kept positions of each batch of contexts [N, T]."
     hp = resolve_hook(model, hook)
+    check_context_length(model, tokens.shape[1])
     bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, desc=f"activations @ {hp.name}", disable=not progress)
     try:
         for i in range(0, len(tokens), batch_size):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,18 +19,20 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .evaluate import training_statistics
-from .io import UserError, atomic_dir, commit_dir, read_safetensors
+from .io import UserError, atomic_dir, check_replaceable, commit_dir, read_safetensors
 from .sae import SAE, SAEConfig, variant_id
+from .store import hook_label, provenance_mismatch
 from .train import fold_input_scale
 
 # %% auto #0
-__all__ = ['SAELENS_VERSION', 'RANKS_FILE', 'EMBEDDED_MODEL_NAMES', 'EMBEDDED_CORPORA', 'saelens_tensors', 'saelens_names',
-           'write_folder', 'export_saelens', 'load_saelens', 'load_sparsify', 'Imported', 'external_format',
-           'load_external']
+__all__ = ['SAELENS_VERSION', 'RANKS_FILE', 'EXPORT_FILES', 'EMBEDDED_MODEL_NAMES', 'EMBEDDED_CORPORA', 'saelens_tensors',
+           'saelens_names', 'write_folder', 'export_saelens', 'load_saelens', 'load_sparsify', 'Imported',
+           'external_format', 'load_external', 'imported_mismatch']
 
 # %% ../nbs/12_interop.ipynb #d429eaf7
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here (SAE Lens >= 6 reads it without conversion)
 RANKS_FILE = "mcsae_ranks.safetensors"  # FC only: the capacity ranks its batch mode needs (SAE Lens ignores it)
+EXPORT_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", RANKS_FILE)  # all an export writes
 _NORM_SPREAD = 1e-4  # relative spread of decoder-row norms a TopK export tolerates
 
 
@@ -105,23 +108,33 @@ def _load_mcsae(sae_or_path) -> SAE:
     return SAE.load(path / "sae.safetensors" if path.is_dir() else path, device="cpu")
 
 
-def _provenance(run: Path | None, cache: str | Path | None) -> dict:
-    "Model, hook, context length and corpus of the activations a run was trained on, where recorded."
+def _provenance(sae: SAE, run: Path | None, cache: str | Path | None) -> dict:
+    "Model, hook, context length and corpus of the SAE's activations: as the SAE recorded them, else from a cache."
     if cache is not None and not (Path(cache) / "manifest.json").is_file():
         raise UserError(f"no activation cache at {cache} (expected {cache}/manifest.json)")
+    recorded = {k: v for k, v in (sae.provenance or {}).items() if v is not None}  # written with the SAE by training
     candidates = [Path(cache) / "manifest.json"] if cache is not None else []
     if run is not None:
         candidates.append(run.parent / "activations" / "manifest.json")
+    found = {}
     for path in candidates:
         if path.is_file():
             m = json.loads(path.read_text())
-            return {"model": m.get("model"), "hook": m.get("hook_name", m.get("hook")),
-                    "context_size": m.get("context_length"), "dataset_path": m.get("corpus")}
-    ev = run / "eval.json" if run is not None else None
-    if ev is not None and ev.is_file():
-        c = json.loads(ev.read_text()).get("cache", {})
-        return {"model": c.get("model"), "hook": c.get("hook"), "dataset_path": c.get("corpus")}
-    return {}
+            found = {"model": m.get("model"), "hook": hook_label(m["hook"]) if m.get("hook") is not None else None,
+                     "corpus": m.get("corpus"), "context_length": m.get("context_length"), "d_model": m.get("d_model")}
+            break
+    else:
+        ev = run / "eval.json" if run is not None else None
+        if ev is not None and ev.is_file():
+            c = json.loads(ev.read_text()).get("cache", {})
+            found = {"model": c.get("model"), "hook": c.get("hook"), "corpus": c.get("corpus")}
+    diff = provenance_mismatch(recorded, found)
+    if diff and cache is not None:
+        raise UserError(f"the SAE was trained on other activations than the cache {cache} holds ({diff}; SAE vs cache): "
+                        f"pass the cache it was trained on, or leave out --cache (the SAE records its own)")
+    prov = recorded if diff else {**{k: v for k, v in found.items() if v is not None}, **recorded}
+    return {"model": prov.get("model"), "hook": prov.get("hook"), "context_size": prov.get("context_length"),
+            "dataset_path": prov.get("corpus")}
 
 
 def _densities(run: Path | None, kind: str) -> tuple[Tensor | None, str | None]:
@@ -149,21 +162,29 @@ def _train_batch_size(run: Path | None) -> int | None:
     return json.loads(meta.get("metadata", "{}")).get("train_config", {}).get("batch_size")
 
 
-def write_folder(out_dir: str | Path, files: dict[str, Callable[[Path], None]], overwrite: bool = False) -> Path:
-    "Write files (name -> writer of that path) into a fresh folder renamed onto out_dir when complete."
+def _export_files(path: Path) -> set[str] | None:
+    "The files of an SAE Lens folder mcsae exported (None: cfg.json does not say mcsae wrote it)."
+    try:
+        meta = json.loads((path / "cfg.json").read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(EXPORT_FILES) if isinstance(meta, dict) and isinstance(meta.get("mcsae"), dict) else None
+
+
+def write_folder(out_dir: str | Path, files: dict[str, Callable[[Path], None]], overwrite: bool = False,
+                 owned: Callable[[Path], set[str] | None] = _export_files, what: str = "an SAE Lens export") -> Path:
+    "Write files (name -> writer of that path) into a fresh folder renamed onto out_dir when complete (replacing only mcsae's)."
     out = Path(out_dir)
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} exists and is not empty: choose another folder or pass overwrite=True (--overwrite)")
-    if out.is_file():
-        raise UserError(f"{out} is a file: choose a folder name for the export")
+    check_replaceable(out, overwrite, owned, what, empty_ok=True)
     tmp = atomic_dir(out)
     try:
         for name, write in files.items():
             write(tmp / name)
+        check_replaceable(out, overwrite, owned, what, empty_ok=True)  # nothing of the user's appeared there meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit_dir(tmp, out, overwrite=True)  # an existing out_dir is empty or overwrite was asked for
+    return commit_dir(tmp, out, overwrite=True)  # an existing out_dir is empty or an export of mcsae's
 
 
 def export_saelens(sae_or_path: SAE | str | Path, out_dir: str | Path, cache: str | Path | None = None,
@@ -173,7 +194,7 @@ def export_saelens(sae_or_path: SAE | str | Path, out_dir: str | Path, cache: st
     sae, run = _load_mcsae(sae_or_path), _run_dir(sae_or_path)
     cfg = sae.cfg
     tensors, arch = saelens_tensors(sae, input_scale)
-    prov = _provenance(run, cache)
+    prov = _provenance(sae, run, cache)
     source = "argument"
     if density is None:
         density, source = _densities(run, cfg.kind)
@@ -184,7 +205,7 @@ def export_saelens(sae_or_path: SAE | str | Path, out_dir: str | Path, cache: st
             **saelens_names(prov.get("model"), prov.get("hook")),
             **{k: prov[k] for k in ("context_size", "dataset_path") if prov.get(k) not in (None, *EMBEDDED_CORPORA)},
             "mcsae": {"variant": variant, "config": asdict(cfg), "model": prov.get("model"), "hook": prov.get("hook"),
-                      "corpus": prov.get("dataset_path"),
+                      "corpus": prov.get("dataset_path"), "context_length": prov.get("context_size"),
                       "inference": "batch (top-k per token)" if cfg.kind == "topk" else "threshold",
                       "train_batch_size": batch_size, "source": None if run is None else str(run),
                       "sparsity_source": source if density is not None else None},
@@ -262,7 +283,8 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", k: int | 
         raise UserError(f"{path}: normalize_activations={norm!r} rescales every input at run time, which an mcsae SAE cannot represent")
     if raw.get("reshape_activations", "none") not in (None, "none"):
         raise UserError(f"{path}: reshape_activations={raw['reshape_activations']!r} (attention heads) is not supported")
-    tensors, _ = read_safetensors(path / "sae_weights.safetensors")
+    tensors, _ = read_safetensors(path / "sae_weights.safetensors", hint="an SAE Lens folder holds sae_weights.safetensors "
+                                                                         "beside its cfg.json")
     scale = tensors.get("finetuning_scaling_factor", tensors.get("scaling_factor"))
     if scale is not None and not torch.allclose(scale.float(), torch.ones_like(scale.float())):
         raise UserError(f"{path}: a fine-tuning scaling factor is not supported")
@@ -296,9 +318,11 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", k: int | 
     f32 = torch.float32
     sae = _mcsae_sae(cfg, W_enc.to(f32), b_enc.to(f32), W_dec.to(f32), b_dec.to(f32), theta.clamp_min(0).to(f32), device)
     if cfg.kind == "feature_choice" and (path / RANKS_FILE).is_file():
-        ranks, _ = read_safetensors(path / RANKS_FILE)
+        ranks, _ = read_safetensors(path / RANKS_FILE, hint=f"an FC export holds {RANKS_FILE}")
         _check_shapes(path / RANKS_FILE, ranks, {"ranks": (F_,)})
         sae.ranks.copy_(ranks["ranks"])
+    mine = meta.get("mcsae") if isinstance(meta.get("mcsae"), dict) else {}
+    sae.provenance = {**{k: mine.get(k) for k in ("model", "hook", "corpus", "context_length")}, "d_model": d}  # mcsae's exports
     return sae
 
 # %% ../nbs/12_interop.ipynb #c95ea83a
@@ -319,7 +343,8 @@ def load_sparsify(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise UserError(f"{path}: sparsify activation {raw['activation']!r} cannot be represented (mcsae imports activation='topk')")
     if raw.get("transcode", False):
         raise UserError(f"{path}: a transcoder predicts another activation than its input; mcsae evaluates autoencoders only")
-    tensors, _ = read_safetensors(path / "sae.safetensors")
+    tensors, _ = read_safetensors(path / "sae.safetensors", hint="a sparsify checkpoint holds sae.safetensors beside its "
+                                                                 "cfg.json")
     if raw.get("skip_connection", False) or "W_skip" in tensors:
         raise UserError(f"{path}: sparse coders with a skip connection are not supported")
     if "d_in" not in raw:
@@ -342,6 +367,7 @@ class Imported(NamedTuple):
     format: str  # "saelens" | "sparsify"
     name: str  # a label for results (the folder's name)
     batch_size: int | None = None  # the training batch size, when recorded (FC and MC batch modes depend on it)
+    hook_name: str | None = None  # where it reads its activations, as its cfg.json records it (SAE Lens naming)
 
 
 def external_format(path: str | Path) -> str | None:
@@ -378,4 +404,23 @@ def load_external(path: str | Path, device: str | torch.device = "cpu", k: int |
         modes = ("batch", "threshold")
     else:  # a foreign JumpReLU SAE without k, or FC without its ranks: batch mode is not defined
         modes = ("threshold",)
-    return Imported(sae, modes, fmt, folder.name, mine.get("train_batch_size"))
+    hook_name = (_read_json(folder / "cfg.json").get("metadata") or {}).get("hook_name")
+    return Imported(sae, modes, fmt, folder.name, mine.get("train_batch_size"), hook_name)
+
+
+def _layer(hook_name: str) -> int | None:
+    "The block number in a hook name ('blocks.8.hook_resid_post', 'model.layers.3', 'transformer.h.2'), if any."
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", str(hook_name))
+    return int(m[1]) if m else None
+
+
+def imported_mismatch(imp: Imported, provenance: dict) -> str:
+    "How an imported SAE's recorded activations differ from a cache's provenance ('' if they agree or cannot be told)."
+    diff = provenance_mismatch(imp.sae.provenance, provenance, keys=("model", "hook", "d_model"))
+    if diff or imp.hook_name is None:
+        return diff
+    ours = saelens_names(provenance.get("model"), provenance.get("hook")).get("hook_name")
+    theirs_layer, our_layer = _layer(imp.hook_name), _layer(ours) if ours else None
+    if theirs_layer is not None and our_layer is not None and theirs_layer != our_layer:
+        return f"hook_name {imp.hook_name!r} vs {ours!r}"
+    return ""

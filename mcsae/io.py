@@ -27,7 +27,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['EXTRAS', 'UserError', 'is_int', 'is_number', 'check_field', 'fault_point', 'temp_path', 'is_temp_name', 'pid_alive',
            'clean_leftovers', 'sync_path', 'atomic_write', 'read_safetensors', 'atomic_torch_save', 'atomic_dir',
-           'commit_dir', 'locked', 'writable_dir', 'require']
+           'commit_dir', 'locked', 'writable_dir', 'check_replaceable', 'creatable_dir', 'require']
 
 # %% ../nbs/00_io.ipynb #e6276bca
 class UserError(ValueError):
@@ -158,11 +158,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    "Read tensors and metadata from a safetensors file; a missing or corrupt file raises UserError (a ValueError), never FileNotFoundError."
+def read_safetensors(path: str | Path, hint: str = "a run folder holds sae.safetensors once training finished"
+                     ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    "Read tensors and metadata from a safetensors file; missing or corrupt: UserError (a ValueError; hint says where such a file comes from)."
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: check the path (a run folder holds sae.safetensors once training finished)")
+        raise UserError(f"no checkpoint at {path}: check the path ({hint})")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -251,6 +252,48 @@ def writable_dir(path: str | Path, option: str = "--out") -> Path:
         probe = temp_path(path / "write-check")
         probe.touch()
         probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
+    return path
+
+# %% ../nbs/00_io.ipynb #450895e0
+def check_replaceable(path: str | Path, overwrite: bool, owned: Callable[[Path], set[str] | None], what: str,
+                      option: str = "--out", empty_ok: bool = False) -> None:
+    "Refuse an existing path unless overwrite is asked and every entry in it is one `owned(path)` names (UserError otherwise)."
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise UserError(f"{path} is not a folder (a file or a link): refusing to replace it; choose another {option}")
+    entries = {p.relative_to(path).as_posix() for p in path.rglob("*") if not is_temp_name(p.name)}
+    if not entries and empty_ok:
+        return
+    if not overwrite:
+        raise UserError(f"{path} exists: pass --overwrite (overwrite=True) to replace it, or choose another {option}")
+    if not entries:
+        return
+    own = owned(path)
+    if own is None:
+        raise UserError(f"{path} is not {what} written by mcsae: refusing to replace it; move it away or choose another "
+                        f"{option}")
+    foreign = sorted(entries - set(own))
+    if foreign:
+        raise UserError(f"{path} holds files mcsae did not write ({', '.join(foreign[:5])}): refusing to replace it; "
+                        f"move them away or choose another {option}")
+
+
+def creatable_dir(path: str | Path, option: str = "--out") -> Path:
+    "Check that folder path exists or could be created, and be written in, creating nothing (UserError naming the option)."
+    path = Path(path).expanduser()
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"cannot write to {path} ({base} is not a folder): choose another {option}")
+    try:
+        probe = temp_path(base / "write-check")
+        probe.mkdir()
+        probe.rmdir()
     except OSError as e:
         raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
     return path

@@ -21,7 +21,7 @@ from .io import UserError, atomic_dir, check_field, commit_dir, is_int, require
 
 # %% auto #0
 __all__ = ['ASSETS', 'EMBEDDED_MODELS', 'ActivationConfig', 'resolve_device', 'resolve_dtype', 'mcsae_cache_dir', 'asset_files',
-           'convert_embedded_model', 'is_pathlike', 'load_model']
+           'convert_embedded_model', 'is_pathlike', 'load_model', 'max_positions', 'check_context_length']
 
 # %% ../nbs/04_models.ipynb #962b1bab
 @dataclass
@@ -201,3 +201,21 @@ def load_model(
         ) from e
     model.to(resolve_device(device)).eval().requires_grad_(False)
     return model, tok
+
+# %% ../nbs/04_models.ipynb #53eff6b6
+def max_positions(model: Any) -> int | None:
+    "The most positions a model reads in one context, from its config (None when it records no limit)."
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(model: Any, context_length: int) -> None:
+    "UserError unless contexts of context_length tokens fit the model's positions."
+    limit = max_positions(model)
+    if limit is not None and context_length > limit:
+        raise UserError(f"context_length (--context-length) {context_length} exceeds the {limit} positions "
+                        f"{type(model).__name__} reads: use --context-length {limit} or less")

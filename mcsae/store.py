@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from .corpora import corpus_tokens, keep_mask
 from .hooks import iter_activations, resolve_hook
-from .io import UserError, atomic_dir, commit_dir, fault_point, is_number
-from .models import ActivationConfig, load_model, resolve_device
+from .io import UserError, atomic_dir, check_replaceable, commit_dir, fault_point, is_number
+from .models import ActivationConfig, check_context_length, load_model, resolve_device
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'PROVENANCE_KEYS', 'shuffle_batches', 'take_rows', 'activation_batches', 'CacheError', 'hook_label',
@@ -35,7 +35,7 @@ def shuffle_batches(
 ) -> Iterator[Tensor]:
     "Mix rows of incoming chunks [n_i, ...] in a seeded shuffling buffer and yield [batch_size, ...] batches."
     if buffer_size < 2 * batch_size:
-        raise ValueError(f"buffer_size ({buffer_size}) must be at least 2 * batch_size ({2 * batch_size})")
+        raise UserError(f"buffer_size ({buffer_size}) must be at least 2 * batch_size ({2 * batch_size})")
     gen = torch.Generator().manual_seed(seed)
     pending: list[Tensor] = []
     n = 0
@@ -80,6 +80,7 @@ def activation_batches(
     if model is None:
         model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
     resolve_hook(model, cfg.hook)  # fail fast on a bad hook
+    check_context_length(model, cfg.context_length)  # and on contexts longer than the model reads
     tokens = corpus_tokens(cfg, tokenizer)  # [N, T]
     chunks = iter_activations(model, tokens, cfg.hook, cfg.model_batch_size, keep_mask(tokens, tokenizer), progress=progress)
     device = resolve_device(cfg.device)
@@ -114,29 +115,20 @@ def provenance_mismatch(recorded: dict, current: dict, keys: tuple[str, ...] = P
     return ", ".join(diff)
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    "Refuse an existing path unless overwrite is asked and it is an mcsae cache holding only its own files."
-    if not path.exists():
-        return
-    if not overwrite:
-        raise UserError(f"{path} exists: pass --overwrite (overwrite=True) to replace it, or choose another --out")
-    if not path.is_dir():
-        raise UserError(f"{path} is a file, not an activation cache: refusing to replace it; choose another --out")
-    entries = {p.name for p in path.iterdir()}
-    if not entries:
-        return
+def _cache_files(path: Path) -> set[str] | None:
+    "The files an mcsae cache at path consists of, by its manifest (None: not an mcsae cache)."
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
-        manifest = None
+        return None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise UserError(f"{path} is not an mcsae activation cache (no manifest.json of one): refusing to replace it; "
-                        f"choose another --out")
-    own = {"manifest.json", "tokens.npy", "keep.npy"} | {s.get("file") for s in manifest.get("shards", [])}
-    foreign = sorted(entries - own)
-    if foreign:
-        raise UserError(f"{path} holds files mcsae did not write ({', '.join(foreign[:5])}): refusing to replace it; "
-                        f"move them away or choose another --out")
+        return None
+    return {"manifest.json", "tokens.npy", "keep.npy"} | {s.get("file") for s in manifest.get("shards", [])}
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    "Refuse an existing path unless overwrite is asked and it is an mcsae cache holding only its own files."
+    check_replaceable(path, overwrite, _cache_files, "an activation cache")
 
 
 def build_cache(
@@ -165,6 +157,7 @@ def build_cache(
         if model is None:
             model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
         hp = resolve_hook(model, cfg.hook)
+        check_context_length(model, cfg.context_length)
         tokens = corpus_tokens(cfg, tokenizer)  # [N, T]
         keep = keep_mask(tokens, tokenizer)  # [N, T]
         n_eval_ctx = int(round(len(tokens) * eval_fraction)) if len(tokens) > 1 else 0

@@ -11,7 +11,7 @@ import torch
 
 from mcsae.cli import main
 from mcsae.dashboard import (ContextLayout, DashboardConfig, FeatureCollector, TopN, build_dashboard, collect,
-                             histogram_update, topn_merge)
+                             histogram_update, site_files, topn_merge)
 from mcsae.io import UserError
 from mcsae.models import ActivationConfig
 from mcsae.sae import SAE
@@ -171,6 +171,7 @@ def test_site_files_and_overwrite(site):
         assert "http://" not in text and "https://" not in text  # self-contained
     with pytest.raises(UserError, match="overwrite"):
         build_dashboard(SAE.load(site["mc"]), site["cache"], root, progress=False)
+    assert site_files(root) == {p.relative_to(root).as_posix() for p in root.rglob("*")}  # all of it is mcsae's to replace
     assert not list(root.parent.glob(".site.tmp-*"))  # nothing half-written left behind
 
 
@@ -236,34 +237,59 @@ def test_console_errors_are_seen(browser, site):
     assert any("deliberate" in m["message"] for m in browser.get_log("browser"))
 
 
+# Each inline SVG chart as the browser lays it out: its box, and its bars' boxes (the site has no <img>: charts are SVG).
+_SVGS = """return [...document.querySelectorAll('svg')].map(s => {
+  const box = s.getBoundingClientRect();
+  const rects = [...s.querySelectorAll('rect')], bars = rects.map(r => r.getBoundingClientRect());
+  return {cls: s.getAttribute('class'), w: box.width, h: box.height, bars: bars.length,
+          drawn: bars.filter(b => b.width > 0 && b.height > 0).length,
+          counted: rects.filter(r => parseInt(r.querySelector('title').textContent) > 0).length,
+          agree: rects.every((r, i) => (parseInt(r.querySelector('title').textContent) > 0) === (bars[i].height > 0)),
+          inside: bars.every(b => b.left >= box.left - 0.5 && b.right <= box.right + 0.5 && b.top >= box.top - 0.5
+                                  && b.bottom <= box.bottom + 0.5)};
+});"""
+
+
 def test_pages_load_cleanly_and_every_link_resolves(browser, site):
+    "Every page loads without console errors, with its stylesheet and script; every link and chart is really there."
     root = site["index"].parent.resolve()
     pages = [root / "index.html", root / "adaptive.html", *sorted((root / "features").glob("*.html"))]
-    seen_links = 0
+    targets, n_charts = set(), 0
     for page in pages:
         errors = _open(browser, page)
         assert not errors, f"{page.name}: {errors}"
         assert browser.execute_script("return document.styleSheets.length") == 1  # style.css loaded
         assert browser.execute_script("return typeof sortTable") == "function"  # dashboard.js loaded and ran
+        assert browser.execute_script("return document.images.length") == 0  # nothing drawn as an image: charts are SVG
         urls = browser.execute_script(
             "return [...document.querySelectorAll('a[href]')].map(e => e.href)"
             ".concat([...document.querySelectorAll('link[href]')].map(e => e.href))"
-            ".concat([...document.querySelectorAll('script[src]')].map(e => e.src))"
-            ".concat([...document.querySelectorAll('img[src]')].map(e => e.src))")
+            ".concat([...document.querySelectorAll('script[src]')].map(e => e.src))")
+        assert urls, page.name
         for url in urls:
             u = urlparse(url)
             assert u.scheme == "file", f"{page.name} links outside the site: {url}"
             target = Path(unquote(u.path))
             assert target.is_file() and root in target.parents, f"{page.name}: broken link {url}"
-            seen_links += 1
-        broken = browser.execute_script("return [...document.images].filter(i => !i.complete || i.naturalWidth === 0)"
-                                        ".map(i => i.src)")
-        assert broken == [], f"{page.name}: images that did not load: {broken}"
+            targets.add(target)
+        charts = browser.execute_script(_SVGS)
+        for c in charts:  # laid out with a size; a bar of a non-zero count drawn with a size, inside its chart
+            assert c["w"] > 0 and c["h"] > 0 and c["drawn"] == c["counted"] > 0 and c["agree"] and c["inside"], (page.name, c)
+        n_charts += len(charts)
         if page.parent.name == "features":
-            bars = browser.execute_script("return document.querySelectorAll('svg.hist rect').length")
-            assert bars > 0, f"{page.name}: no histogram"
-            assert browser.execute_script("return document.querySelectorAll('.ctx span.at').length") > 0
-    assert seen_links > 3 * len(pages)
+            f = int(page.stem[1:])
+            fired = "never fired" not in page.read_text()
+            assert len([c for c in charts if c["cls"] == "hist"]) == int(fired), page.name  # one histogram if it fired
+            if fired:
+                assert browser.execute_script("return document.querySelectorAll('.ctx span.at').length") > 0, f
+        if page.name == "adaptive.html":
+            assert len(charts) == 1 and browser.execute_script("return document.querySelectorAll('.l0 span').length") > 0
+    assert n_charts >= len(pages) - 1
+    for target in sorted(targets - set(pages)):  # what the links reach that is not a page checked above: loads cleanly
+        assert target.suffix in (".css", ".js"), target
+    for target in sorted(t for t in targets if t.suffix == ".html"):  # every linked page loads in the browser
+        assert not _open(browser, target), target
+        assert browser.execute_script("return document.title"), target
 
 
 def test_sorting_and_search(browser, site):

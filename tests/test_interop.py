@@ -1,5 +1,7 @@
 """SAE Lens export and import, sparsify import: checked against the real packages (skipped when not installed)."""
+import importlib
 import json
+import os
 import re
 
 import pytest
@@ -19,6 +21,16 @@ from mcsae.train import TensorSource, TrainConfig, fold_input_scale, train
 from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def need(module: str):
+    "Import a reference package (sae_lens, sparsify); skip without it, or fail under MCSAE_REQUIRE_ANCHORS=1 (make test)."
+    if not os.environ.get("MCSAE_REQUIRE_ANCHORS"):
+        return pytest.importorskip(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is needed for this test and MCSAE_REQUIRE_ANCHORS is set: pip install -e \".[dev]\" ({e})")
 
 
 def fake_trained(kind: str, d: int = 16, F: int = 96, k: int = 5, scale: float = 2.5, seed: int = 0, **kw) -> SAE:
@@ -52,7 +64,7 @@ def assert_same_function(lens, sae: SAE, x, atol=1e-4):
 # ---------------------------------------------------------------- export, checked by the real SAE Lens
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_export_equals_threshold_mode(tmp_path, variant):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     fields, _ = VARIANTS[variant]
     kind = fields["kind"]
     sae = fake_trained(**fields)
@@ -74,7 +86,7 @@ def test_export_equals_threshold_mode(tmp_path, variant):
 
 
 def test_export_unfolded_input_scale(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     sae = fake_trained("mutual_choice", scale=1.0)  # as in training: takes c * x
     out = export_saelens(sae, tmp_path / "x", input_scale=0.4)
     lens = sl.SAE.load_from_disk(out)
@@ -101,7 +113,7 @@ def runs(tmp_path_factory):
 
 
 def test_export_trained_runs(tmp_path, runs):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     run_dirs, data = runs
     for run in run_dirs:
         out = export_saelens(run, tmp_path / run.name)
@@ -153,7 +165,7 @@ def lens_topk(sl, d=16, F=96, k=6, rescale=False, unit=True, seed=1):
 
 
 def test_round_trip_topk(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     lens = lens_topk(sl)
     lens.save_model(tmp_path / "a")
     sae = load_saelens(tmp_path / "a")
@@ -170,7 +182,7 @@ def test_round_trip_topk(tmp_path):
 
 
 def test_import_topk_rescaled_by_decoder_norm(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     lens = lens_topk(sl, rescale=True, unit=False)
     lens.save_model(tmp_path / "a")
     sae = load_saelens(tmp_path / "a")
@@ -180,7 +192,7 @@ def test_import_topk_rescaled_by_decoder_norm(tmp_path):
 
 
 def test_round_trip_jumprelu_foreign(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     torch.manual_seed(2)
     lens = sl.JumpReLUSAE(sl.JumpReLUSAEConfig(d_in=16, d_sae=96))
     with torch.no_grad():
@@ -199,7 +211,7 @@ def test_round_trip_jumprelu_foreign(tmp_path):
 
 
 def test_round_trip_mcsae_variant(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     sae = fake_trained("feature_choice", capacities="zipf")
     sae.ranks.copy_(torch.randperm(96) + 1)  # FC's batch mode depends on its capacity ranks
     export_saelens(sae, tmp_path / "a")
@@ -217,7 +229,7 @@ def test_round_trip_mcsae_variant(tmp_path):
 
 
 def test_standard_and_unapplied_b_dec(tmp_path):
-    sl = pytest.importorskip("sae_lens")
+    sl = need("sae_lens")
     torch.manual_seed(3)
     lens = sl.StandardSAE(sl.StandardSAEConfig(d_in=16, d_sae=48, apply_b_dec_to_input=False))
     with torch.no_grad():
@@ -230,7 +242,7 @@ def test_standard_and_unapplied_b_dec(tmp_path):
 
 # ---------------------------------------------------------------- sparsify
 def sparsify_checkpoint(path, d=16, F=64, k=4, seed=0, **kw):
-    sp = pytest.importorskip("sparsify")
+    sp = need("sparsify")
     torch.manual_seed(seed)
     coder = sp.SparseCoder(d, sp.SparseCoderConfig(num_latents=F, k=k, **kw))
     with torch.no_grad():
@@ -280,7 +292,7 @@ def test_evaluate_imported_beside_mcsae(tmp_path, cache, runs, capsys):
     assert len(x) < 4096 and res_sp["modes"]["batch"]["nmse"] == pytest.approx(fvu, rel=1e-5)
     # an FC run exported and read back gives the original's metrics in both modes (ranks and batch size kept)
     fc_run = runs[0][1]
-    export_saelens(fc_run, tmp_path / "fc")
+    export_saelens(fc_run, tmp_path / "fc", cache=c.path)  # named by this cache (RUN/../activations names another)
     main(["evaluate", str(tmp_path / "fc"), "--cache", str(c.path), "--downstream-contexts", "0", "--out", str(tmp_path / "evals")])
     res_fc = json.loads((tmp_path / "evals" / "fc" / "eval.json").read_text())
     orig = evaluate_run(tmp_path / "orig", c, sae=SAE.load(fc_run / "sae.safetensors"), batch_size=64, downstream_contexts=0,
@@ -357,25 +369,56 @@ def test_never_overwrites(tmp_path, runs, capsys):
     (out / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="overwrite"):
         export_saelens(run, out)
+    with pytest.raises(UserError, match="not an SAE Lens export written by mcsae"):
+        export_saelens(run, out, overwrite=True)  # --overwrite replaces only an export of mcsae's
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    with pytest.raises(SystemExit, match="2"):
-        main(["export", str(run), "--out", str(out)])
-    assert re.match(r"mcsae: error: .*not empty", capsys.readouterr().err)
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match="2"):
+            main(["export", str(run), "--out", str(out), *extra])
+        assert re.match(rf"mcsae: error: {re.escape(str(out))} (exists|is not an SAE Lens export)", capsys.readouterr().err)
+    assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()  # an empty folder: written into without --overwrite
     cache = tmp_path / "other-cache"
     cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({"model": "gpt2", "hook": "blocks.5", "hook_name": "blocks.5",
+    (cache / "manifest.json").write_text(json.dumps({"model": "gpt2", "hook": "blocks.5", "hook_name": "transformer.h.5",
                                                       "context_length": 64, "corpus": "NeelNanda/pile-10k"}))
-    main(["export", str(run / "sae.safetensors"), "--out", str(out), "--overwrite", "--cache", str(cache)])
+    main(["export", str(run / "sae.safetensors"), "--out", str(out), "--cache", str(cache)])
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "blocks.5.hook_resid_post" and meta["model_name"] == "gpt2"
     assert meta["dataset_path"] == "NeelNanda/pile-10k" and meta["model_class_name"] == "HookedTransformer"
-    main(["export", str(run), "--out", str(out), "--overwrite", "--hook-name", "custom.hook"])
+    main(["export", str(run), "--out", str(out), "--overwrite", "--hook-name", "custom.hook"])  # its own export: replaced
     assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == "custom.hook"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     with pytest.raises(SystemExit, match="2"):
         main(["export", str(run), "--out", str(tmp_path / "y"), "--cache", str(tmp_path / "nowhere")])
     assert capsys.readouterr().err.startswith("mcsae: error: no activation cache")
+
+
+def test_provenance_comes_from_the_sae_and_a_cache_of_other_activations_is_refused(tmp_path, runs):
+    "The SAE's recorded model, hook and context length go into cfg.json; --cache only fills gaps and must agree."
+    sae = SAE.load(runs[0][0] / "sae.safetensors")
+    sae.provenance = {"model": "gpt2", "hook": "blocks.5", "corpus": "NeelNanda/pile-10k", "context_length": 64, "d_model": 16}
+    meta = json.loads((export_saelens(sae, tmp_path / "a") / "cfg.json").read_text())["metadata"]
+    assert (meta["model_name"], meta["hook_name"], meta["context_size"], meta["dataset_path"]) == \
+        ("gpt2", "blocks.5.hook_resid_post", 64, "NeelNanda/pile-10k")
+    assert load_saelens(tmp_path / "a").provenance == sae.provenance  # read back: evaluate can check it
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"model": "gpt2", "hook": "blocks.6", "context_length": 64}))
+    with pytest.raises(UserError, match=r"hook 'blocks.5' vs 'blocks.6'.*leave out --cache"):
+        export_saelens(sae, tmp_path / "b", cache=cache)
+    assert not (tmp_path / "b").exists()
+    sae.provenance = {"d_model": 16}  # an SAE trained through the API on bare tensors: the cache names it
+    meta = json.loads((export_saelens(sae, tmp_path / "b", cache=cache) / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.6.hook_resid_post"
+
+
+def test_missing_weights_name_the_saelens_layout(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": 2, "d_in": 4, "d_sae": 8}))
+    with pytest.raises(UserError, match="SAE Lens folder holds sae_weights.safetensors") as e:
+        load_saelens(tmp_path)
+    assert "run folder" not in str(e.value)
 
 
 def test_failed_write_leaves_nothing(tmp_path, runs, monkeypatch):

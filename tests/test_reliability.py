@@ -11,9 +11,11 @@ Processes are cut at chosen instants either from outside (a signal to their proc
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -214,8 +216,12 @@ def test_provenance_is_recorded_with_every_sae_and_cache(tmp_path, capsys):
     assert code == 0, err[-3000:]
     manifest = json.loads((Path(CACHE) / "manifest.json").read_text())
     assert manifest["model"] == MODEL and manifest["hook"] == "blocks.1" and manifest["d_model"] == 16
-    prov = metadata(tmp_path / RUN / "sae.safetensors")["activations"]
-    assert prov["model"] == MODEL and prov["hook"] == "blocks.1" and prov["d_model"] == 16 and prov["corpus"] == CORPUS
+    assert manifest["context_length"] == 32 and manifest["corpus"] == CORPUS
+    want = {"model": MODEL, "hook": "blocks.1", "corpus": CORPUS, "context_length": 32, "d_model": 16}
+    assert metadata(tmp_path / RUN / "sae.safetensors")["activations"] == want
+    assert SAE.load(tmp_path / RUN / "sae.safetensors").provenance == want
+    checkpoint = torch.load(tmp_path / RUN / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["activations"] == want  # a resume is checked against it
 
 
 def test_train_out_with_other_hook_does_not_reuse_its_cache(tmp_path, capsys):
@@ -248,6 +254,53 @@ def test_evaluate_and_resume_refuse_a_cache_of_another_layer(tmp_path, capsys):
     assert kill.returncode == -signal.SIGKILL, kill.stderr[-2000:]
     code, _, err = run_main(capsys, *train_args(tmp_path / "cut", "--resume", cache=other))
     assert_user_error(code, err, "hook")
+
+
+def test_export_records_the_provenance_the_sae_recorded(tmp_path, capsys):
+    "Without --cache (and no RUN/../activations: trained with --cache), the export's cfg.json names model, hook, context."
+    run = _trained(tmp_path, capsys)
+    assert not (run.parent / "activations").exists()
+    code, _, err = run_main(capsys, "export", run, "--out", tmp_path / "lens")
+    assert code == 0, err[-3000:]
+    meta = json.loads((tmp_path / "lens" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == MODEL and meta["hook_name"] == "blocks.1.hook_resid_post" and meta["context_size"] == 32
+    assert (meta["mcsae"]["model"], meta["mcsae"]["hook"], meta["mcsae"]["context_length"]) == (MODEL, "blocks.1", 32)
+
+
+def test_commands_refuse_a_cache_of_other_activations_than_the_sae(tmp_path, capsys):
+    "export --cache, dashboard and evaluate (of an SAE Lens export too) refuse a cache of another hook or model."
+    run = _trained(tmp_path, capsys)
+    hook0 = copy_cache(tmp_path / "hook0", hook="blocks.0", hook_name="transformer.h.0")
+    gpt2 = copy_cache(tmp_path / "gpt2", model="gpt2")
+    for cache, words in ((hook0, ("'blocks.1'", "'blocks.0'", "--cache")), (gpt2, ("gpt2", MODEL, "--cache"))):
+        code, _, err = run_main(capsys, "export", run, "--out", tmp_path / "lens", "--cache", cache)
+        assert_user_error(code, err, *words)
+        code, _, err = run_main(capsys, "dashboard", run, "--cache", cache, "--out", tmp_path / "site", *DASHBOARD)
+        assert_user_error(code, err, *words)
+    assert not (tmp_path / "lens").exists() and not (tmp_path / "site").exists()
+    code, _, err = run_main(capsys, "export", run, "--out", tmp_path / "lens")
+    assert code == 0, err[-3000:]
+    code, _, err = run_main(capsys, "evaluate", tmp_path / "lens", "--cache", hook0, "--downstream-contexts", 0,
+                            "--out", tmp_path / "evals")
+    assert_user_error(code, err, "'blocks.1'", "'blocks.0'", str(tmp_path / "lens"))
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())  # the same folder as another library writes it
+    cfg["metadata"] = {"model_name": "gpt2", "hook_name": "blocks.0.hook_resid_post"}
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
+    code, _, err = run_main(capsys, "evaluate", tmp_path / "lens", "--cache", CACHE, "--downstream-contexts", 0,
+                            "--out", tmp_path / "evals")
+    assert_user_error(code, err, "blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    assert not (tmp_path / "evals").exists()
+    code, _, err = run_main(capsys, "evaluate", tmp_path / "lens", "--cache", hook0, "--downstream-contexts", 0,
+                            "--out", tmp_path / "evals")
+    assert code == 0, err[-3000:]  # its own layer: evaluated
+
+
+def test_dashboard_of_features_the_sae_lacks_is_refused(tmp_path, capsys):
+    run = _trained(tmp_path, capsys)
+    code, _, err = run_main(capsys, "dashboard", run, "--cache", CACHE, "--out", tmp_path / "site", "--model", "none",
+                            "--features", 999)
+    assert_user_error(code, err, "999", "32 features", "0-31")
+    assert not (tmp_path / "site").exists()
 
 
 def test_splicing_at_another_layer_is_refused(tmp_path, capsys):
@@ -302,6 +355,59 @@ def test_cache_overwrite_only_replaces_what_mcsae_made(tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert json.loads((plain / "manifest.json").read_text())["n_tokens"] < 1100
     assert hidden(tmp_path) == []
+
+
+def _trained(tmp_path, capsys) -> Path:
+    "A tiny trained run folder (on the module's cache) for the commands that read one."
+    code, _, err = run_main(capsys, *train_args(tmp_path / "runs"))
+    assert code == 0, err[-3000:]
+    return tmp_path / "runs" / RUN
+
+
+DASHBOARD = ["--model", "none", "--features", "0-3", "--n-top", 3, "--chunk-tokens", 256]
+
+
+@pytest.mark.parametrize("command", ["export", "dashboard"])
+def test_export_and_dashboard_overwrite_only_replace_what_mcsae_made(tmp_path, capsys, command):
+    "`--overwrite` replaces an export or a dashboard mcsae wrote, never a folder holding a file of the user's."
+    run = _trained(tmp_path, capsys)
+    args = [command, run, *(["--cache", CACHE] + DASHBOARD if command == "dashboard" else [])]
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    code, _, err = run_main(capsys, *args, "--out", thesis, "--overwrite")
+    assert_user_error(code, err, str(thesis), "not")  # not an export / a dashboard of mcsae's
+    assert [p.name for p in thesis.iterdir()] == ["thesis.tex"] and (thesis / "thesis.tex").read_text() == "years of work"
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, *args, "--out", out)
+    assert code == 0, err[-3000:]
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    code, _, err = run_main(capsys, *args, "--out", out)
+    assert_user_error(code, err, str(out), "--overwrite")  # exists: replaced only when asked
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "deep.txt").write_text("mine too")
+    code, _, err = run_main(capsys, *args, "--out", out, "--overwrite")
+    assert_user_error(code, err, "notes.txt", "sub/deep.txt")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "deep.txt").read_text() == "mine too"
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "sub")
+    code, _, err = run_main(capsys, *args, "--out", out, "--overwrite")  # only mcsae's files: replaced, whole
+    assert code == 0, err[-3000:]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == written
+    assert hidden(tmp_path) == []
+
+
+def test_refused_train_leaves_no_folder(tmp_path, capsys):
+    "A train refused after its options were read (here: a cache of another hook) creates no --out folder."
+    out = tmp_path / "new" / "runs"
+    code, _, err = run_main(capsys, *train_args(out, "--hook", 0))
+    assert_user_error(code, err, "hook")
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = run_main(capsys, "train", "--out", out, "--model", MODEL, "--hook", 1, "--corpus", tmp_path / "none.txt",
+                            "--context-length", 32, "--n-features", 32, "--k", 4, "--batch-size", 64, "--n-tokens", 640)
+    assert_user_error(code, err, "none.txt")  # refused while building OUT/activations: the folders it made are gone
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_overwrite_keeps_the_old_run_whole(tmp_path, capsys):
@@ -362,6 +468,7 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
     line = last_line(err)
     assert "Traceback" not in err and line.startswith("mcsae: interrupted"), err[-3000:]
     assert "--resume" in line and "step" in line, line
+    assert str(tmp_path / RUN / "checkpoint.pt") in line, line  # names the file the resume continues from
 
 
 # ------------------------------------------------------------------------ validation and one-line errors
@@ -405,11 +512,64 @@ def test_bad_evaluate_option_is_a_one_line_error(tmp_path, capsys, option, value
     assert_user_error(code, err, option.lstrip("-").replace("-", "_"))
 
 
-def test_api_validates_like_the_cli():
-    from mcsae.train import TrainConfig
-    for bad in (dict(grad_clip=-1.0), dict(dead_tokens=-5), dict(autocast="flase"), dict(k=4.5), dict(log_every=0)):
-        with pytest.raises(ValueError):
-            TrainConfig(**bad)
+# Every field of every config dataclass, with the bad values tried on it: a validated field refuses one of them with a
+# UserError naming ConfigClass.field and its --option. The fields below accept any value of their type, on purpose.
+FREE_FIELDS: dict[tuple[str, str], str] = {}  # (class, field) -> why it takes any value; none so far
+BAD_VALUES = (-1, 0, 1.5, float("nan"), float("inf"), "bogus", "", True, None, "../up", 10**12)
+
+
+def _config_classes():
+    from mcsae.dashboard import DashboardConfig
+    from mcsae.models import ActivationConfig
+    from mcsae.sae import SAEConfig
+    try:
+        from mcsae.trainer import TrainConfig
+    except ImportError:
+        from mcsae.train import TrainConfig
+    required = {SAEConfig: dict(d_in=16, n_features=32, k=4)}  # the fields without defaults
+    return [(cls, required.get(cls, {})) for cls in (ActivationConfig, SAEConfig, TrainConfig, DashboardConfig)]
+
+
+def _refusal(cls, base: dict, name: str):
+    "(bad value, message) of the first BAD_VALUES entry cls refuses for field name, or None if it takes them all."
+    from mcsae.io import UserError
+    for bad in BAD_VALUES:
+        try:
+            cls(**{**base, name: bad})
+        except UserError as e:
+            return bad, str(e)
+    return None
+
+
+CONFIG_FIELDS = [(cls, base, f.name) for cls, base in _config_classes() for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("cls,base,name", CONFIG_FIELDS, ids=[f"{c.__name__}.{n}" for c, _, n in CONFIG_FIELDS])
+def test_api_validates_like_the_cli(cls, base, name, capsys, tmp_path):
+    "Each config field refuses a bad value in the API with a one-line UserError naming it; the CLI says the same line."
+    found = _refusal(cls, base, name)
+    if (cls.__name__, name) in FREE_FIELDS:
+        assert found is None, f"{cls.__name__}.{name} is validated now: drop it from FREE_FIELDS"
+        return
+    assert found is not None, f"{cls.__name__}.{name} accepts every one of {BAD_VALUES}: validate it (check_field)"
+    bad, message = found
+    option = f"--{name.replace('_', '-')}"
+    assert "\n" not in message and re.search(rf"\b\w+Config\.{name} \({option}\)", message), message
+    if cls.__name__ == "SAEConfig" or bad in (None, True) or isinstance(bad, float) and bad != bad:
+        return  # not options of their own (TrainConfig sets them), or values a command line cannot spell as such
+    text = {float("inf"): "inf"}.get(bad, str(bad))
+    if cls.__name__ == "DashboardConfig":
+        args = ["dashboard", tmp_path / "run", "--cache", CACHE, "--out", tmp_path / "site", option, text]
+    elif cls.__name__ == "ActivationConfig":
+        args = ["cache", "--model", MODEL, "--hook", 1, "--corpus", CORPUS, "--context-length", 32, "--n-tokens", 1000,
+                "--out", tmp_path / "c", option, text]
+    else:
+        args = train_args(tmp_path / "out", option, text)
+    code, _, err = run_main(capsys, *args)
+    line = assert_user_error(code, err, f"{name} ({option})")
+    same = line.replace(repr(text), repr(bad))  # the command line may pass the value as text ('-1' for -1)
+    assert f"mcsae: error: {message}" in (line, same), line  # the same rule, word for word
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists() and not (tmp_path / "site").exists()
 
 
 def test_errors_from_the_installed_command_have_no_traceback(tmp_path):
@@ -428,6 +588,43 @@ def test_non_utf8_corpus_is_a_one_line_error(tmp_path, capsys):
                             "--n-tokens", 500, "--out", tmp_path / "c")
     assert_user_error(code, err, "utf-8", "latin1.txt")
     assert not (tmp_path / "c").exists()
+
+
+def test_corpus_too_short_for_one_context_is_a_one_line_error(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("Too short.")
+    code, _, err = run_main(capsys, "cache", "--model", MODEL, "--hook", 1, "--corpus", small, "--context-length", 32,
+                            "--n-tokens", 500, "--out", tmp_path / "c")
+    assert_user_error(code, err, "small.txt", "32", "--context-length")
+    assert not (tmp_path / "c").exists() and hidden(tmp_path) == []
+
+
+def test_context_longer_than_the_model_reads_is_a_one_line_error(tmp_path, capsys):
+    "The tiny model reads 64 positions: --context-length 65 is refused naming the limit, not an IndexError."
+    source = ["--model", MODEL, "--hook", 1, "--corpus", CORPUS, "--context-length", 65]
+    for args in (["cache", "--out", tmp_path / "c", "--n-tokens", 500, *source],
+                 ["train", "--out", tmp_path / "t", *source, "--n-features", 32, "--k", 4, "--batch-size", 64,
+                  "--n-tokens", 640]):
+        code, _, err = run_main(capsys, *args)
+        assert_user_error(code, err, "65", "--context-length 64 or less")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_value_errors_do_not_reach_the_user():
+    "The functions the commands call raise UserError, not ValueError, for what a user can cause."
+    from mcsae.corpora import pack_documents
+    from mcsae.hooks import transformer_blocks
+    from mcsae.io import UserError
+    from mcsae.store import shuffle_batches
+    from tiny import char_tokenizer
+    with pytest.raises(UserError, match="--context-length"):
+        pack_documents(["ab"], char_tokenizer(), 8)
+    with pytest.raises(UserError, match="--hook"):
+        model = torch.nn.Linear(2, 2)
+        model.config = tiny_model(n_layer=2, d_model=16, n_head=2)[0].config  # says 2 blocks, holds none
+        transformer_blocks(model)
+    with pytest.raises(UserError, match="buffer_size"):
+        next(shuffle_batches([torch.zeros(4, 2)], 4, 4))
 
 
 def test_hub_dataset_while_offline_is_a_one_line_error(tmp_path):
