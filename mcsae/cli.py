@@ -22,7 +22,7 @@ from .distributed import StreamSource, init_data_parallel
 from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel
 from .interop import export_saelens, external_format, imported_mismatch, load_external
-from .io import UserError, creatable_dir
+from .io import MissingDependency, UserError, creatable_dir
 from .models import ActivationConfig, resolve_device
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
 from .store import build_cache, hook_label, open_cache
@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         message = f"mcsae: error: {_one_line(e)}"
     except OSError as e:
         message = f"mcsae: error: {_one_line(_os_error(e))}"
+    except MissingDependency as e:  # an optional package is not installed: the message names the pip extra
+        message = f"mcsae: error: {_one_line(e)}"
     except KeyboardInterrupt as e:
         print(f"\nmcsae: interrupted: {_one_line(_interrupted(e, args, argv))}", file=sys.stderr)
         raise SystemExit(130) from None

@@ -27,7 +27,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['EXTRAS', 'UserError', 'is_int', 'is_number', 'check_field', 'fault_point', 'temp_path', 'is_temp_name', 'pid_alive',
            'clean_leftovers', 'sync_path', 'atomic_write', 'read_safetensors', 'atomic_torch_save', 'atomic_dir',
-           'commit_dir', 'locked', 'writable_dir', 'check_replaceable', 'creatable_dir', 'require']
+           'commit_dir', 'locked', 'writable_dir', 'check_replaceable', 'creatable_dir', 'MissingDependency', 'require']
 
 # %% ../nbs/00_io.ipynb #e6276bca
 class UserError(ValueError):
@@ -306,13 +306,17 @@ EXTRAS = {
 }
 
 
+class MissingDependency(ImportError):
+    "An optional package is not installed; the message says which pip extra installs it."
+
+
 def require(module: str, extra: str) -> ModuleType:
-    "Import `module`; if it is missing, raise a one-line ImportError naming the pip extra that installs it."
+    "Import `module`; if it is missing, raise a one-line MissingDependency (an ImportError) naming the pip extra that installs it."
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}: use one of {sorted(EXTRAS)}")
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             f"{module} is needed for {EXTRAS[extra]} and is not installed: pip install \"mcsae[{extra}]\""
         ) from None

@@ -759,3 +759,22 @@ def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, capsys, monkeypat
             continue
         assert os.path.realpath(src) in synced[:n_before], (src, "not fsynced before its rename")
         assert os.path.realpath(Path(dst).parent) in synced[n_before:], (dst, "folder not fsynced after the rename")
+
+
+def test_missing_optional_package_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    "Without transformers (the lm extra), `mcsae cache` says what to pip install, in one line."
+    import importlib
+
+    import mcsae.io
+    real = importlib.import_module
+
+    def no_transformers(name, *a, **k):
+        if name == "transformers":
+            raise ImportError("No module named 'transformers'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(mcsae.io.importlib, "import_module", no_transformers)
+    code, _, err = run_main(capsys, "cache", "--model", MODEL, "--hook", 1, "--corpus", CORPUS, "--context-length", 32,
+                            "--n-tokens", 500, "--out", tmp_path / "c")
+    assert_user_error(code, err, "transformers", 'pip install "mcsae[lm]"')
+    assert not (tmp_path / "c").exists() and hidden(tmp_path) == []
