@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -176,11 +177,11 @@ _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp
 class DataParallel:
     "One rank's view of a data-parallel process group: collectives, counted, and the global-batch allocation."
 
-    def __init__(self, group=None, mc_buckets: int = 1024, fc_buckets: int = 16):
+    def __init__(self, group=None, mc_buckets: int = 1024, fc_buckets: int = 16, timeout_s: float | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise UserError("DataParallel needs torch.distributed initialised: launch with torchrun "
                              "(or call torch.distributed.init_process_group first)")
-        self.group = group
+        self.group, self.timeout_s = group, timeout_s  # timeout_s: the group's, for the messages (None: not known)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.mc_buckets, self.fc_buckets = mc_buckets, fc_buckets
         self.bytes, self.rounds = 0, 0  # what this rank has sent into collectives so far, and how many
@@ -193,9 +194,18 @@ class DataParallel:
         try:
             return fn()
         except (RuntimeError, dist.DistBackendError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DistributedError(f"rank {self.rank}/{self.world}: {what} failed, so another rank stopped or did not "
-                                   f"answer within the process group's timeout ({first})") from None
+            raise DistributedError(self.failure(what, e)) from None
+
+    def failure(self, what: str, e: BaseException) -> str:
+        "The one-line message for a collective `what` that raised e: a timeout (a rank hangs) or a lost rank."
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's [source file:line] prefix
+        where = f"rank {self.rank}/{self.world}: {what}"
+        if re.search(r"time[d ]?\s*out", first, re.IGNORECASE):
+            limit = "" if self.timeout_s is None else f" of {self.timeout_s:g} s"
+            return (f"{where} got no answer within the process group's timeout{limit}, so another rank stopped or hangs "
+                    f"(--dist-timeout sets the wait; {first})")
+        return f"{where} failed, so another rank stopped or did not answer within the process group's timeout ({first})"
 
     def all_reduce(self, t: Tensor, op: str) -> Tensor:
         "t reduced over the ranks ('sum' | 'min' | 'max'), a new tensor."
@@ -304,7 +314,7 @@ def init_data_parallel(backend: str | None = None, timeout_s: float = 300) -> Da
                              "(torchrun sets RANK and WORLD_SIZE)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DataParallel()
+    return DataParallel(timeout_s=timeout_s)
 
 # %% ../nbs/15_distributed.ipynb #536c0f2c
 def feature_share(n_features: int, world: int, rank: int) -> tuple[int, int]:

@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocation import feature_choice_allocation, uniform_capacities, zipf_capacities
+from .allocation import Allocation, feature_choice_allocation, uniform_capacities, zipf_capacities
 from .distributed import feature_share, mutual_choice_feature_parallel, topk_feature_parallel
 from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, locked, writable_dir
-from .losses import FeatureStats, nmse
-from .sae import (SAE, SAEConfig, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_, fc_batch_thresholds,
-                       geometric_median, ranks_by_demand)
-from .train import (TrainConfig, on_rank0, run_state, truncate_metrics, fold_input_scale, input_scale, lr_factor,
-                         read_checkpoint)
+from .losses import FeatureStats, deficit_weights, fit_zipf, nmse
+from .sae import (SAE, SAEConfig, FeatureOrder, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_,
+                       fc_batch_thresholds, geometric_median, ranks_by_demand)
+from .train import (TrainConfig, TrainingDiverged, on_rank0, run_state, truncate_metrics, fold_input_scale, input_scale,
+                         lr_factor, read_checkpoint)
 
 # %% auto #0
-__all__ = ['ShardedSAE', 'FeatureParallelTrainer', 'train_feature_parallel']
+__all__ = ['ShardedSAE', 'sharded_deficit_weights', 'sharded_aux_loss', 'FeatureParallelTrainer', 'train_feature_parallel']
 
 # %% ../nbs/16_feature_parallel.ipynb #65ad7f53
 class _SumOverRanks(torch.autograd.Function):
@@ -92,15 +92,26 @@ class ShardedSAE(nn.Module):
             return mutual_choice_feature_parallel(self.comm, aff, cfg.k * aff.shape[0], self.first, cfg.n_features)
         return feature_choice_allocation(aff, self.capacities(aff.shape[0]))
 
+    def code_values(self, x: Tensor, alloc: Allocation, aff: Tensor, order: FeatureOrder | None = None) -> Tensor:
+        "Differentiable code values [nnz] at this block's pairs; b_dec's gradient through them is summed over the blocks."
+        order = by_feature(alloc) if order is None else order
+        b_dec = _SumGradOverRanks.apply(self.b_dec, self.comm)  # b_dec [d]: its encoder gradient needs every block's part
+        return SparseEncode.apply(x, b_dec, self.W_enc, self.b_enc, aff[alloc.token, alloc.feature], alloc, order)
+
+    def decode(self, values: Tensor, alloc: Allocation, order: FeatureOrder | None = None, bias: bool = True) -> Tensor:
+        "The whole SAE's reconstruction [B, d]: this block's pairs decoded, summed over the blocks (bias=False leaves out b_dec)."
+        order = by_feature(alloc) if order is None else order
+        partial = SparseDecode.apply(values, self.W_dec, alloc, order)  # [B, d] this block's share of the reconstruction
+        x_hat = _SumOverRanks.apply(partial, self.comm)  # [B, d]
+        return x_hat + self.b_dec if bias else x_hat
+
     def forward(self, x: Tensor):
         with torch.no_grad():
             aff = F.linear(x - self.b_dec, self.W_enc, self.b_enc).relu_()  # [B, F_r]
         alloc = self.select(aff)
         order = by_feature(alloc)
-        b_dec = _SumGradOverRanks.apply(self.b_dec, self.comm)  # the encoder's b_dec gradient, summed over blocks
-        values = SparseEncode.apply(x, b_dec, self.W_enc, self.b_enc, aff[alloc.token, alloc.feature], alloc, order)
-        partial = SparseDecode.apply(values, self.W_dec, alloc, order)  # [B, d] this block's share of the reconstruction
-        x_hat = _SumOverRanks.apply(partial, self.comm) + self.b_dec
+        values = self.code_values(x, alloc, aff, order)  # [nnz]
+        x_hat = self.decode(values, alloc, order)  # [B, d]
         codes = SparseCodes(values, alloc, order)
         if self.training:
             self.update_statistics(aff, codes)
@@ -141,14 +152,39 @@ def _gather_features(comm, t: Tensor, n_features: int) -> Tensor:
     rows = comm.gather_rows(pad.reshape(width, -1)).view(comm.world, width, *t.shape[1:])
     return torch.cat([rows[q, :b - a] for q, (a, b) in enumerate(feature_share(n_features, comm.world, q) for q in range(comm.world))])
 
+# %% ../nbs/16_feature_parallel.ipynb #db5dacf4
+@torch.no_grad()
+def sharded_deficit_weights(comm, stats: FeatureStats, n_features: int, first: int) -> Tensor:
+    "This block's aux_zipf weights: FeatureStats.deficit_weights of the whole dictionary, from every block's densities (float [F_r])."
+    dead = stats.dead()  # [F_r] this block's
+    alive = torch.where(dead, torch.zeros_like(stats.density), stats.density)  # [F_r] float64
+    p = _gather_features(comm, alive, n_features)  # [F]: the Zipf fit and the density ranks are the whole dictionary's
+    if int((p > 0).sum()) < 2:
+        return dead.float()
+    return deficit_weights(p, fit_zipf(p)).float()[first:first + dead.numel()]
+
+
+def sharded_aux_loss(sae: ShardedSAE, x: Tensor, x_hat: Tensor, aff: Tensor, weights: Tensor, k_aux: int | None = None,
+                     alpha: float = 1 / 32) -> Tensor:
+    "aux_zipf_loss of the whole SAE from its blocks: the top k_aux of weights * z' per token over every block, decoded and summed."
+    # x, x_hat [B, d] the same on every rank; aff [B, F_r] and weights [F_r] this block's
+    cfg, comm = sae.cfg, sae.comm
+    weights = weights.to(aff.dtype)  # [F_r]
+    if not bool(comm.all_reduce((weights > 0).any().to(aff.dtype), "max")):  # no weight in any block: no loss
+        return x_hat.new_zeros(())
+    k_aux = min(k_aux or cfg.d_in // 2, cfg.n_features)
+    e = (x - x_hat).detach()  # [B, d] residual to explain
+    alloc = topk_feature_parallel(comm, aff * weights, k_aux, sae.first)  # this block's pairs of each token's top k_aux
+    values = sae.code_values(x, alloc, aff) * weights[alloc.feature]  # [nnz]
+    e_hat = sae.decode(values, alloc, bias=False)  # [B, d] every block's pairs
+    spread = (e - e.mean(0)).pow(2).sum()  # 0-d, a constant of the batch
+    return alpha * (e - e_hat).pow(2).sum() / spread.clamp_min(torch.finfo(e.dtype).tiny)
+
 # %% ../nbs/16_feature_parallel.ipynb #af783867
 class FeatureParallelTrainer:
-    "Trains one SAE whose features are split across the ranks (aux loss none); the same steps as Trainer."
+    "Trains one SAE whose features are split across the ranks; the same steps as Trainer."
 
     def __init__(self, cfg: TrainConfig, d_in: int, comm, device="cpu"):
-        if cfg.aux != "none":
-            raise UserError(f"feature-parallel training supports --aux none only, got --aux {cfg.aux}: "
-                            "train with --aux none, or with --parallel data")
         if cfg.outlier_norm > 0:
             raise UserError(f"feature-parallel training has no outlier limit, got --outlier-norm {cfg.outlier_norm}: "
                             "train with --outlier-norm 0, or with --parallel data")
@@ -184,13 +220,20 @@ class FeatureParallelTrainer:
         return g
 
     def step(self, x: Tensor) -> dict:
+        "One optimiser step on raw activations x [B, d] (the whole batch, on every rank); returns the step's metrics."
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, torch.float32) * self.scale
         for group in self.opt.param_groups:
             group["lr"] = cfg.learning_rate() * lr_factor(self.step_idx, cfg.n_steps, cfg.warmup_steps, cfg.decay_frac)
         sae.train()
         x_hat, codes, aff = sae(x)
-        loss = nmse(x, x_hat)
+        loss_rec = nmse(x, x_hat)
+        loss_aux = self.aux_loss(x, x_hat, aff)
+        loss = loss_rec + loss_aux
+        nmse_value, aux_value, loss_value = torch.stack([loss_rec, loss_aux.float(), loss]).detach().tolist()  # every rank's
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"{cfg.name}: loss is {loss_value} at step {self.step_idx} "
+                                   f"(nmse {nmse_value}, aux {aux_value}); the last checkpoint is intact")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grads()
@@ -204,9 +247,19 @@ class FeatureParallelTrainer:
         self.stats.update(codes)
         nnz = self.comm.all_reduce(torch.tensor(float(codes.alloc.feature.numel()), dtype=torch.float64), "sum")
         self.step_idx += 1
-        self.last = {"step": self.step_idx, "tokens": self.step_idx * x.shape[0], "nmse": loss.item(), "aux": 0.0,
+        self.last = {"step": self.step_idx, "tokens": self.step_idx * x.shape[0], "nmse": nmse_value, "aux": aux_value,
                      "l0": nnz.item() / x.shape[0], "lr": self.opt.param_groups[0]["lr"]}
         return self.last
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, aff: Tensor) -> Tensor:
+        "The configured auxiliary loss of the whole SAE (zero when none, or nothing is dead / under-used), as Trainer.aux_loss."
+        cfg, sae = self.cfg, self.sae
+        if cfg.aux == "aux_k":
+            return sharded_aux_loss(sae, x, x_hat, aff, self.stats.dead().float(), cfg.k_aux, cfg.aux_alpha)
+        if cfg.aux == "aux_zipf" and int(self.stats.n_batches) > 0:
+            weights = sharded_deficit_weights(self.comm, self.stats, cfg.n_features, sae.first)  # [F_r]
+            return sharded_aux_loss(sae, x, x_hat, aff, weights, cfg.k_aux, cfg.aux_alpha)
+        return x_hat.new_zeros(())
 
     def full_state(self) -> dict:
         "The single-process SAE state dict, gathered from the blocks (every rank gets it)."
@@ -214,6 +267,11 @@ class FeatureParallelTrainer:
         out = {k: _gather_features(self.comm, getattr(s, k).detach(), F_) for k in ("W_dec", "W_enc", "b_enc", "thresholds", "demand")}
         out.update(b_dec=s.b_dec.detach().clone(), ranks=s.ranks.clone(), step=s.step.clone())
         return out
+
+    def full_stats(self) -> dict:
+        "The single-process FeatureStats state dict, gathered from the blocks (every rank gets it)."
+        F_ = self.cfg.n_features
+        return {k: (_gather_features(self.comm, v, F_) if v.ndim == 1 else v.clone()) for k, v in self.stats.state_dict().items()}
 
 # %% ../nbs/16_feature_parallel.ipynb #84da8e8c
 def _checkpoint(t: FeatureParallelTrainer, provenance: dict) -> dict:
@@ -225,9 +283,8 @@ def _checkpoint(t: FeatureParallelTrainer, provenance: dict) -> dict:
         if p is not t.sae.b_dec:
             for name in ("exp_avg", "exp_avg_sq"):
                 opt["state"][i][name] = _gather_features(comm, opt["state"][i][name], F_)
-    stats = {k: (_gather_features(comm, v, F_) if v.ndim == 1 else v.clone()) for k, v in t.stats.state_dict().items()}
     return {"config": asdict(t.cfg), "step": t.step_idx, "scale": t.scale, "last": t.last, "activations": provenance,
-            "sae": t.full_state(), "opt": opt, "stats": stats, "rng": torch.get_rng_state()}
+            "sae": t.full_state(), "opt": opt, "stats": t.full_stats(), "rng": torch.get_rng_state()}
 
 
 def _load_checkpoint(t: FeatureParallelTrainer, path: Path, provenance: dict) -> None:

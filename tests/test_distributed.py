@@ -1,10 +1,11 @@
-"""Data-parallel training on 2 and 3 gloo processes (CPU) against one process given the global batch.
+"""Data- and feature-parallel training on 2 and 3 gloo processes (CPU) against one process given the global batch.
 
 Each world size is one `torch.multiprocessing.spawn` running every case, so the file stays short: allocations
 (MC and FC, with ties, with a rank that holds no selected pair; TopK and MC with the features split instead),
-training runs of every variant with and without auxiliary losses, resume across world sizes, streaming from a
-model, and bad input (uneven batch, mismatched configs, a rank that stops). One more test launches
-`torchrun -m mcsae train --parallel data`."""
+training runs of every variant with each auxiliary loss (none, aux_k, aux_zipf) in both modes, compared with one
+process step by step, resume across world sizes, streaming from a model, and bad input (uneven batch, mismatched
+configs, a rank that stops). More tests launch `mcsae train` itself: under torchrun (--parallel data and features),
+with --stream (and --resume), and with a rank that hangs until the process group's timeout."""
 import json
 import os
 import shutil
@@ -31,7 +32,9 @@ from tiny import tiny_model
 
 B, D, N_DATA = 24, 8, 24 * 8  # global batch (splits across 1, 2, 3 processes), width, data rows
 VARIANTS = [("topk", "zipf"), ("feature_choice", "zipf"), ("feature_choice", "uniform"), ("mutual_choice", "zipf")]
-RUNS = [(kind, cap, aux) for kind, cap in VARIANTS for aux in ("none", "aux_zipf")] + [("mutual_choice", "zipf", "aux_k")]
+AUX = ("none", "aux_k", "aux_zipf")
+K_AUX = 4  # differs from k = 3: a recorded top-k call with k = K_AUX is the aux loss's selection
+RUNS = [(kind, cap, aux) for kind, cap in VARIANTS for aux in AUX]  # every variant with every aux loss, in both modes
 
 
 def _data() -> torch.Tensor:
@@ -42,8 +45,10 @@ def _data() -> torch.Tensor:
 
 def _cfg(kind: str, capacities: str, aux: str, **kw) -> TrainConfig:
     "A small config that exercises re-ranking, dead features and the aux losses in a few steps."
-    base = dict(n_features=32, k=3, batch_size=B, n_tokens=B * 5, warmup_steps=2, rank_every=2, dead_tokens=2 * B, k_aux=4,
+    base = dict(n_features=32, k=3, batch_size=B, n_tokens=B * 5, warmup_steps=2, rank_every=2, dead_tokens=2 * B, k_aux=K_AUX,
                 log_every=1, checkpoint_every=0)
+    if kind == "feature_choice" and aux == "aux_k":  # FC offers every feature a token when k B >= F: with k B < F
+        base["k"] = 1  # some features get none, die, and aux_k acts
     return TrainConfig(kind=kind, capacities=capacities, aux=aux, **{**base, **kw})
 
 
@@ -107,15 +112,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res[f"features/{name}"] = alloc.to_mask()
     for kind, cap, aux in RUNS:  # training runs: every rank's own state, and the pairs it selected at each step
         res[f"run/{kind}-{cap}-{aux}"] = _run(_cfg(kind, cap, aux), out / "runs", comm)
+    for kind, cap, aux in RUNS:  # features split across the ranks: every rank sees the whole batch
+        res[f"fp/{kind}-{cap}-{aux}"] = _run_features(_cfg(kind, cap, aux), comm)
     data = TensorSource(_data())
-    for kind, cap in VARIANTS:  # features split across the ranks: every rank sees the whole batch
-        t = FeatureParallelTrainer(_cfg(kind, cap, "none"), D, comm)
-        data = TensorSource(_data())
-        t.initialize(next(data.batches(B)))
-        stream = data.batches(B)
-        for _ in range(t.cfg.n_steps):
-            t.step(next(stream))
-        res[f"fp/{kind}-{cap}"] = t.full_state()
     fp_cfg = _cfg("mutual_choice", "zipf", "none")
     if world == 2:
         train_feature_parallel(fp_cfg, TensorSource(_data()), out / "fp_half", comm, stop_after=3)
@@ -161,26 +160,73 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _snapshot(sae: dict, stats: dict) -> dict:
+    "What a step leaves in the SAE's and the statistics' buffers (whole-dictionary tensors)."
+    return {k: v.detach().clone() for k, v in {**sae, **stats}.items()
+            if k in ("thresholds", "demand", "ranks", "density", "tokens_since_fired")}
+
+
+def _recording(select, masks: list):
+    "select, also appending the mask of each allocation it returns to masks."
+    def recorded(*args, **kw):
+        alloc = select(*args, **kw)
+        masks.append(alloc.to_mask())
+        return alloc
+    return recorded
+
+
 def _run(cfg: TrainConfig, out: Path, comm: DataParallel | None) -> dict:
-    "Train as `train` does, on this rank's share of each batch; what the trainer holds at the end, and the pairs of each step."
+    "Train as `train` does, on this rank's share of each batch: the state at the end and after each step, the pairs of each step."
+    import mcsae.losses
+
     t = Trainer(cfg, D, out / cfg.name)
     if comm is not None:
         comm.attach(t)
-    masks, select = [], t.sae.select
-
-    def recorded(aff, mode="batch"):
-        alloc = select(aff, mode)
-        masks.append(alloc.to_mask())
-        return alloc
-
+    masks, aux_masks, metrics, steps = [], [], [], []
     data = TensorSource(_data())
     t.initialize(next(data.batches(B, seed=cfg.seed)))
-    t.sae.select = recorded  # after initialize: its least-squares start selects on the whole first batch, not a share
-    stream, metrics = data.batches(B, seed=cfg.seed), []
-    for _ in range(cfg.n_steps):
-        x = next(stream)
-        metrics.append(t.step(x if comm is None else comm.local_batch(x)))
-    return {"sae": t.sae.state_dict(), "stats": t.stats.state_dict(), "metrics": metrics, "masks": masks}
+    t.sae.select = _recording(t.sae.select, masks)  # after initialize: its least-squares start selects on the whole first batch
+    topk = mcsae.losses.topk_allocation  # the aux losses' per-token selection
+    mcsae.losses.topk_allocation = _recording(topk, aux_masks)
+    try:
+        stream = data.batches(B, seed=cfg.seed)
+        for _ in range(cfg.n_steps):
+            x = next(stream)
+            metrics.append(t.step(x if comm is None else comm.local_batch(x)))
+            steps.append(_snapshot(t.sae.state_dict(), t.stats.state_dict()))
+    finally:
+        mcsae.losses.topk_allocation = topk
+    return {"sae": t.sae.state_dict(), "stats": t.stats.state_dict(), "metrics": metrics, "masks": masks,
+            "aux_masks": aux_masks, "steps": steps}
+
+
+def _run_features(cfg: TrainConfig, comm: DataParallel) -> dict:
+    "_run with the features split across the ranks: the gathered state, and this rank's columns of each step's pairs."
+    import mcsae.feature_parallel as fp
+
+    t = FeatureParallelTrainer(cfg, D, comm)
+    masks, aux_masks, metrics, steps = [], [], [], []
+    data = TensorSource(_data())
+    t.initialize(next(data.batches(B, seed=cfg.seed)))
+    t.sae.select = _recording(t.sae.select, masks)
+    topk = fp.topk_feature_parallel  # TopK's selection (k = 3) and the aux losses' (k = K_AUX)
+
+    def aux_topk(comm, z, k, first):
+        alloc = topk(comm, z, k, first)
+        if k == K_AUX:
+            aux_masks.append(alloc.to_mask())
+        return alloc
+
+    fp.topk_feature_parallel = aux_topk
+    try:
+        stream = data.batches(B, seed=cfg.seed)
+        for _ in range(cfg.n_steps):
+            metrics.append(t.step(next(stream)))
+            steps.append(_snapshot(t.full_state(), t.full_stats()))
+    finally:
+        fp.topk_feature_parallel = topk
+    return {"sae": t.full_state(), "stats": t.full_stats(), "metrics": metrics, "masks": masks, "aux_masks": aux_masks,
+            "steps": steps}
 
 
 def _error(fn) -> str:
@@ -246,16 +292,17 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind,cap,aux", RUNS)
-def test_training_matches_one_process(results, tmp_path, world, kind, cap, aux):
-    "Same pairs at every step, weights, thresholds, ranks, demand and feature statistics as one process; identical across ranks."
-    res, _ = results
-    key = f"run/{kind}-{cap}-{aux}"
-    ranks = [res[world][r][key] for r in range(world)]
-    single = _single(kind, cap, aux, tmp_path)
-    for step, ref in enumerate(single["masks"]):
-        assert torch.equal(torch.cat([r["masks"][step] for r in ranks]), ref), f"step {step}"
+def _assert_matches(single: dict, ranks: list[dict], dim: int) -> None:
+    "Each step's pairs (main and aux; the ranks' shares joined along dim), buffers, statistics and metrics, and the end state."
+    for what in ("masks", "aux_masks"):
+        assert len(ranks[0][what]) == len(single[what]), what  # as many selections, so the aux loss acted at the same steps
+        for step, ref in enumerate(single[what]):
+            assert torch.equal(torch.cat([r[what][step] for r in ranks], dim), ref), f"{what}, call {step}"
+    for step, ref in enumerate(single["steps"]):
+        for name, v in ref.items():
+            assert _close(ranks[0]["steps"][step][name], v), f"step {step}: {name}"
+        assert torch.equal(ranks[0]["steps"][step]["ranks"], ref["ranks"]), f"step {step}"
+        assert torch.equal(ranks[0]["steps"][step]["tokens_since_fired"], ref["tokens_since_fired"]), f"step {step}"
     for name, ref in single["sae"].items():
         assert _close(ranks[0]["sae"][name], ref), name
         assert all(torch.equal(r["sae"][name], ranks[0]["sae"][name]) for r in ranks), name  # identical on every rank
@@ -263,12 +310,23 @@ def test_training_matches_one_process(results, tmp_path, world, kind, cap, aux):
     for name, ref in single["stats"].items():
         assert _close(ranks[0]["stats"][name], ref), name
         assert all(torch.equal(r["stats"][name], ranks[0]["stats"][name]) for r in ranks), name
+    assert len(ranks[0]["metrics"]) == len(single["metrics"])
     for m, ref in zip(ranks[0]["metrics"], single["metrics"]):
         assert m["step"] == ref["step"] and m["tokens"] == ref["tokens"] and m["l0"] == ref["l0"]
+        assert m["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert m["nmse"] == pytest.approx(ref["nmse"], rel=1e-4) and m["aux"] == pytest.approx(ref["aux"], rel=1e-4, abs=1e-7)
         assert all(r["metrics"] == ranks[0]["metrics"] for r in ranks)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind,cap,aux", RUNS)
+def test_training_matches_one_process(results, tmp_path, world, kind, cap, aux):
+    "Tokens split: the same pairs at every step (main and aux), buffers, statistics, metrics and weights as one process."
+    res, _ = results
+    single = _single(kind, cap, aux, tmp_path)
+    _assert_matches(single, [res[world][r][f"run/{kind}-{cap}-{aux}"] for r in range(world)], 0)
     if aux != "none":
-        assert any(m["aux"] > 0 for m in single["metrics"])  # the aux loss did act
+        assert any(m["aux"] > 0 for m in single["metrics"]) and single["aux_masks"]  # the aux loss did act
 
 
 def test_resume_across_world_sizes(results, tmp_path):
@@ -343,14 +401,6 @@ def test_cli_torchrun(tmp_path):
     assert logged.returncode == 2 and logged.stderr.startswith("mcsae: error: --wandb does not log feature-parallel")
 
 
-def test_feature_parallel_refuses_aux_losses():
-    "Auxiliary losses are not supported feature-parallel: a one-line UserError naming the fix."
-    for aux in ("aux_k", "aux_zipf"):
-        with pytest.raises(UserError, match="supports --aux none only") as e:
-            FeatureParallelTrainer(_cfg("mutual_choice", "zipf", aux), D, comm=None)
-        assert "\n" not in str(e.value) and "--parallel data" in str(e.value)
-
-
 class _Joined:
     "One process's view of what 2 streaming ranks feed: their batches side by side, in rank order."
 
@@ -380,14 +430,12 @@ def test_streaming_matches_one_process(results, tmp_path):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind,cap", VARIANTS)
-def test_feature_parallel_matches_one_process(results, tmp_path, world, kind, cap):
-    "Features split across ranks: the gathered SAE (weights, thresholds, demand, ranks) is the single-process one."
+@pytest.mark.parametrize("kind,cap,aux", RUNS)
+def test_feature_parallel_matches_one_process(results, tmp_path, world, kind, cap, aux):
+    "Features split: the same pairs at every step (main and aux), buffers, statistics, metrics and weights as one process."
     res, _ = results
-    got, ref = res[world][0][f"fp/{kind}-{cap}"], _single(kind, cap, "none", tmp_path)["sae"]
-    for name, v in ref.items():
-        assert _close(got[name], v), name
-    assert torch.equal(got["ranks"], ref["ranks"])
+    single = _single(kind, cap, aux, tmp_path)
+    _assert_matches(single, [res[world][r][f"fp/{kind}-{cap}-{aux}"] for r in range(world)], 1)
 
 
 def test_feature_parallel_resume(results, tmp_path):
@@ -404,3 +452,105 @@ def test_feature_parallel_resume(results, tmp_path):
         got = SAE.load(path).state_dict()
         for name, v in whole.items():
             assert _close(got[name], v), (path, name)
+
+
+# ---------------------------------------------------------------------------------------- mcsae train, launched
+_ROOT = Path(__file__).resolve().parents[1]
+_STREAM_ARGS = ["--hook", "embed", "--corpus", "default", "--context-length", "32", "--model-batch-size", "8",
+                "--buffer-size", "256", "--kind", "mutual_choice", "--n-features", "64", "--k", "3", "--batch-size", "48",
+                "--n-tokens", str(48 * 6), "--log-every", "1", "--checkpoint-every", "2", "--dead-tokens", "48",
+                "--aux", "aux_k", "--k-aux", "4"]
+_STREAM_RUN = "mutual_choice-aux_k-k3-F64-s0"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    "The tiny model of the streaming tests, saved where `--model PATH` loads it."
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model, tok = tiny_model(n_layer=1, d_model=16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    "`mcsae ARGS` in this process: (exit code, stdout, stderr)."
+    from mcsae.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_stream_and_resume(model_dir, tmp_path, capsys, monkeypatch):
+    "`mcsae train --stream` trains from the running model; stopped by Ctrl-C after step 2 and resumed, it ends as the run never stopped."
+    args = ["train", "--stream", "--model", model_dir, *_STREAM_ARGS]
+    code, out, err = _main(capsys, *args, "--out", tmp_path / "whole")
+    assert code == 0, err[-3000:]
+    whole = Path(out.strip().splitlines()[-1])
+    assert whole == tmp_path / "whole" / _STREAM_RUN / "sae.safetensors"
+    assert SAE.load(whole).provenance == {"model": model_dir, "hook": "embed", "corpus": "default", "context_length": 32,
+                                          "d_model": 16}  # streamed: no activation cache was written
+    assert not (tmp_path / "whole" / "activations").exists()
+    monkeypatch.setenv("MCSAE_FAULT", f"checkpoint:{_STREAM_RUN}:2=INT")  # Ctrl-C right after the checkpoint of step 2
+    code, _, err = _main(capsys, *args, "--out", tmp_path / "cut")
+    assert code == 130 and "--resume" in err, err[-3000:]
+    run = tmp_path / "cut" / _STREAM_RUN
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2 and not (run / "sae.safetensors").exists()
+    monkeypatch.delenv("MCSAE_FAULT")
+    code, out, err = _main(capsys, *args, "--out", tmp_path / "cut", "--resume")
+    assert code == 0, err[-3000:]
+    got, ref = SAE.load(out.strip().splitlines()[-1]).state_dict(), SAE.load(whole).state_dict()
+    for name, v in ref.items():
+        assert _close(got[name], v), name
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 7))  # the stream replayed to step 2, not from the start
+    assert any(l["aux"] > 0 for l in lines)
+
+
+def _state(pid: int) -> str:
+    "The state letter of a process (T: stopped), from /proc."
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_hanging_rank_stops_the_others_at_the_timeout(model_dir, tmp_path):
+    "A rank that hangs mid-run, its connections open (SIGSTOP), stops the other with a one-line timeout error within --dist-timeout."
+    import subprocess
+    import time
+
+    timeout_s, port = 8, _free_port()  # short, yet longer than the ranks' start-up skew on a loaded machine
+    args = [sys.executable, "-m", "mcsae", "train", "--stream", "--model", model_dir, *_STREAM_ARGS, "--out", tmp_path,
+            "--parallel", "data", "--dist-timeout", str(timeout_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_ROOT), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    env.pop("MCSAE_FAULT", None)
+    hangs = subprocess.Popen(args, env={**env, "RANK": "0", "LOCAL_RANK": "0", "MCSAE_FAULT": f"checkpoint:{_STREAM_RUN}:2=STOP"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waits = subprocess.Popen(args, env={**env, "RANK": "1", "LOCAL_RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _state(hangs.pid) != "T":  # rank 0 stops itself after its checkpoint of step 2
+            if hangs.poll() is not None or waits.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"rank 0 never hung (exit codes {hangs.poll()}, {waits.poll()}): {waits.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        stopped = time.monotonic()
+        _, err = waits.communicate(timeout=timeout_s + 60)
+        waited = time.monotonic() - stopped
+        assert _state(hangs.pid) == "T"  # rank 0 still hangs, its connections open: rank 1 stopped on the timeout
+    finally:
+        for p in (hangs, waits):
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped process too
+                p.wait()
+    lines = err.strip().splitlines()  # the model's loading bar, then the error
+    assert waits.returncode == 2 and [l for l in lines if "mcsae" in l or "Traceback" in l] == lines[-1:], err[-3000:]
+    assert lines[-1].startswith("mcsae: error: rank 1/2: ") and f"timeout of {timeout_s} s" in lines[-1], lines[-1]
+    assert "--dist-timeout" in lines[-1] and "another rank stopped or hangs" in lines[-1]
+    assert waited < timeout_s + 20, waited  # the timeout, plus the exit of a loaded machine; not forever
