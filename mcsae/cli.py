@@ -17,7 +17,8 @@ import sys
 import torch.distributed
 from pathlib import Path
 
-from .dashboard import DashboardConfig, dashboard_run
+from .dashboard import DashboardConfig
+from .dashboard_site import dashboard_run
 from .distributed import StreamSource, init_data_parallel
 from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mcsae.cli import main
-from mcsae.dashboard import (ContextLayout, DashboardConfig, FeatureCollector, TopN, build_dashboard, collect,
-                             histogram_update, site_files, topn_merge)
+from mcsae.dashboard import (ContextLayout, DashboardConfig, FeatureCollector, TopN, collect, histogram_update,
+                             topn_merge)
+from mcsae.dashboard_site import build_dashboard, site_files
 from mcsae.io import UserError
 from mcsae.models import ActivationConfig
 from mcsae.sae import SAE
