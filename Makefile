@@ -36,7 +36,7 @@ browser:
 # docs/notebooks.py check runs the notebooks as nbdev_test does and also fails when a stored output is stale.
 test: install check browser
 	$(PY) docs/notebooks.py check --n_workers 2
-	MCSAE_REQUIRE_BROWSER=1 MCSAE_REQUIRE_ANCHORS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests  # loadfile: the smoke reproduce fixture runs once, not once per worker
+	MCSAE_REQUIRE_BROWSER=1 MCSAE_REQUIRE_DEV=1 $(PY) -m pytest -q -n 2 --dist loadfile tests  # loadfile: the smoke reproduce fixture runs once, not once per worker
 
 # Re-execute the notebooks and store their outputs (commit them); `docs` also renders the site into _docs/.
 outputs: install

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcsae.dashboard import ContextLayout, DashboardConfig, FeatureCollector, feature_page, index_page, select_pairs
+from mcsae.dashboard import ContextLayout, DashboardConfig, FeatureCollector, select_pairs
+from mcsae.dashboard_site import feature_page, index_page
 from mcsae.sae import SAE, SAEConfig
 
 

@@ -302,6 +302,7 @@ def creatable_dir(path: str | Path, option: str = "--out") -> Path:
 EXTRAS = {
     "lm": "language models and corpora",
     "reproduce": "the experiment and figure notebooks",
+    "wandb": "experiment tracking with Weights & Biases (--wandb)",
     "dev": "everything, plus the test tools",
 }
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import (UserError, atomic_dir, atomic_write, clean_leftovers, commit_dir, fault_point, is_temp_name,
-                      locked, writable_dir)
+                      locked, require, writable_dir)
 from .models import resolve_device
 from .trainer import (BatchSource, CacheSource, TensorSource, TrainConfig, Trainer, TrainingDiverged,
                            fold_input_scale, input_scale, lr_factor, read_checkpoint)
@@ -282,10 +282,7 @@ def _wandb_runs(project: str | None, trainers: list[Trainer]) -> list:
     "One W&B run per trainer, named like its run folder; a resumed run continues its own (None without a project)."
     if project is None:
         return [None] * len(trainers)
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    wandb = require("wandb", "wandb")  # optional: a one-line error naming the extra when it is missing
     runs = []
     for t in trainers:
         t.out_dir.mkdir(parents=True, exist_ok=True)

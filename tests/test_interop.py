@@ -1,7 +1,5 @@
 """SAE Lens export and import, sparsify import: checked against the real packages (skipped when not installed)."""
-import importlib
 import json
-import os
 import re
 
 import pytest
@@ -18,19 +16,10 @@ from mcsae.models import ActivationConfig
 from mcsae.sae import SAE, SAEConfig, VARIANTS
 from mcsae.store import build_cache, open_cache
 from mcsae.train import TensorSource, TrainConfig, fold_input_scale, train
+from required import need
 from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def need(module: str):
-    "Import a reference package (sae_lens, sparsify); skip without it, or fail under MCSAE_REQUIRE_ANCHORS=1 (make test)."
-    if not os.environ.get("MCSAE_REQUIRE_ANCHORS"):
-        return pytest.importorskip(module)
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        pytest.fail(f"{module} is needed for this test and MCSAE_REQUIRE_ANCHORS is set: pip install -e \".[dev]\" ({e})")
 
 
 def fake_trained(kind: str, d: int = 16, F: int = 96, k: int = 5, scale: float = 2.5, seed: int = 0, **kw) -> SAE:

@@ -30,10 +30,7 @@ import torch
 from mcsae.cli import main
 from mcsae.sae import SAE
 
-try:  # the offline tiny GPT-2 of the tests (tests/tiny.py; older layouts: mcsae.activations)
-    from tiny import tiny_model
-except ImportError:
-    from mcsae.activations import tiny_model
+from tiny import tiny_model  # the offline tiny GPT-2 of the tests (tests/tiny.py)
 
 RUN = "topk-none-k4-F32-s0"  # the run name the CLI derives for train_args()
 MC_RUN = "mutual_choice-none-k4-F32-s0"
@@ -522,10 +519,7 @@ def _config_classes():
     from mcsae.dashboard import DashboardConfig
     from mcsae.models import ActivationConfig
     from mcsae.sae import SAEConfig
-    try:
-        from mcsae.trainer import TrainConfig
-    except ImportError:
-        from mcsae.train import TrainConfig
+    from mcsae.trainer import TrainConfig
     required = {SAEConfig: dict(d_in=16, n_features=32, k=4)}  # the fields without defaults
     return [(cls, required.get(cls, {})) for cls in (ActivationConfig, SAEConfig, TrainConfig, DashboardConfig)]
 

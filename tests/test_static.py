@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 
 from mcsae.allocation import feature_choice_mask, mutual_choice_mask, topk_mask
-from mcsae.losses import FeatureStats, aux_k_loss, aux_zipf_loss, nmse
+from mcsae.losses import FeatureStats, nmse
 from mcsae.sae import SAE, SAEConfig
 from mcsae.static import (StaticStep, capacity_plan, feature_choice_slots, metrics, mutual_choice_slots,
                           plan_capacities, static_deficit_weights, topk_slots)

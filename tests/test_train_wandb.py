@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from mcsae.io import UserError
+from mcsae.io import MissingDependency
 from mcsae.train import TensorSource, TrainConfig, read_metrics, train
+from required import need
 
 BASE = dict(n_features=32, k=4, n_tokens=64 * 12, batch_size=64, warmup_steps=2, log_every=3, checkpoint_every=0)
 
@@ -18,7 +19,7 @@ def source():
 
 
 def test_wandb_logs_the_metrics_lines(tmp_path, source, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = need("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logged: dict[str, list] = {}
@@ -47,7 +48,7 @@ def test_wandb_logs_the_metrics_lines(tmp_path, source, monkeypatch):
 
 def test_without_wandb_one_line_error(tmp_path, source, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(UserError, match="pip install wandb"):
+    with pytest.raises(MissingDependency, match=r'pip install "mcsae\[wandb\]"'):
         train(TrainConfig(kind="topk", **BASE), source, tmp_path, progress=False, wandb="p")
     assert not (tmp_path / TrainConfig(kind="topk", **BASE).name / "metrics.jsonl").exists()
     paths = train(TrainConfig(kind="topk", **BASE), source, tmp_path / "plain", progress=False)  # never required
@@ -70,11 +71,13 @@ def test_cli_wandb_option(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="2"):
         main(["train", "--out", str(tmp_path / "runs"), "--cache", str(cache), "--n-features", "16", "--k", "2",
               "--n-tokens", "128", "--batch-size", "64", "--wandb", "proj"])
-    assert capsys.readouterr().err == "mcsae: error: --wandb needs the wandb package: pip install wandb (or leave --wandb out)\n"
+    err = capsys.readouterr().err
+    assert err.startswith("mcsae: error: wandb is needed for ") and err.endswith('pip install "mcsae[wandb]"\n')
+    assert err.count("\n") == 1
 
 
 def test_resume_continues_the_same_wandb_run(tmp_path, source, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = need("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     inits: list[dict] = []
