@@ -167,8 +167,6 @@ def cmd_train(args) -> None:
         raise UserError("--stream runs the model instead of reading a cache: drop --cache or --stream")
     if args.parallel == "features" and len(cfgs) != 1:
         raise UserError(f"--parallel features trains one SAE at a time, got --kind {args.kind}: pass one kind")
-    if args.parallel == "features" and args.wandb:
-        raise UserError("--wandb does not log feature-parallel runs yet: leave out --wandb (metrics.jsonl has every line)")
     device = resolve_device(acfg.device)
     out = creatable_dir(args.out)  # all of this before any work, creating nothing: a refused command leaves no folder
     created = _missing_dirs(out)  # folders this command creates: removed again if it stops while they are empty
@@ -187,7 +185,7 @@ def cmd_train(args) -> None:
             source = CacheSource(_training_cache(args, acfg, out))
         if args.parallel == "features":
             paths = [train_feature_parallel(cfgs[0], source, out, comm, resume=args.resume, overwrite=args.overwrite,
-                                            device=device)]
+                                            device=device, wandb=args.wandb)]
         else:
             paths = train(cfgs, source, out, resume=args.resume, overwrite=args.overwrite, device=device, wandb=args.wandb,
                           comm=comm)
@@ -276,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints (finished runs are left as they are)")
     t.add_argument("--overwrite", action="store_true", help="replace existing runs of the same names, whole, once the new ones are complete")
     t.add_argument("--wandb", metavar="PROJECT", default=None,
-                   help="also log the metrics.jsonl lines to this Weights & Biases project (needs `pip install wandb`; "
+                   help="also log the metrics.jsonl lines to this Weights & Biases project (needs `pip install mcsae[wandb]`; "
                         "WANDB_MODE=offline works)")
     t.add_argument("--stream", action="store_true",
                    help="run the model as training goes instead of reading a cache (with --parallel data each rank runs "
@@ -284,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parallel", default="none", choices=("none", "data", "features"),
                    help="data: one rank of `torchrun --nproc-per-node N -m mcsae train ...` holding a replica and 1/N of "
                         "each batch, FC and MC exact over the global batch (--batch-size is the global batch); features: "
-                        "each rank holds 1/N of the dictionary and the whole batch (one --kind, --aux none)")
+                        "each rank holds 1/N of the dictionary and the whole batch (one --kind)")
     t.add_argument("--dist-timeout", type=float, default=300,
                    help="with --parallel: seconds a rank waits for the others before stopping with an error")
     t.set_defaults(func=cmd_train)

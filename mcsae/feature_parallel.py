@@ -5,7 +5,6 @@
 # %% ../nbs/16_feature_parallel.ipynb #04b31221
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -16,15 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .allocation import Allocation, feature_choice_allocation, uniform_capacities, zipf_capacities
 from .distributed import feature_share, mutual_choice_feature_parallel, topk_feature_parallel
-from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, locked, writable_dir
+from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, fault_point, locked, writable_dir
 from .losses import FeatureStats, deficit_weights, fit_zipf, nmse
 from .sae import (SAE, SAEConfig, FeatureOrder, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_,
                        fc_batch_thresholds, geometric_median, ranks_by_demand)
 from .train import (TrainConfig, TrainingDiverged, on_rank0, run_state, truncate_metrics, fold_input_scale, input_scale,
-                         lr_factor, read_checkpoint)
+                         log_line, lr_factor, read_checkpoint, wandb_run)
 
 # %% auto #0
 __all__ = ['ShardedSAE', 'sharded_deficit_weights', 'sharded_aux_loss', 'FeatureParallelTrainer', 'train_feature_parallel']
@@ -194,6 +194,7 @@ class FeatureParallelTrainer:
         self.stats = FeatureStats(self.sae.stop - self.sae.first, dead_tokens=cfg.dead_tokens).to(self.device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(), eps=cfg.adam_eps, fused=True)
         self.step_idx, self.scale, self.last = 0, 1.0, {}
+        self.wandb_id = None  # the W&B run it logs to (kept in checkpoints, so a resume continues it)
 
     def initialize(self, sample: Tensor) -> None:
         sample = sample.to(self.device, torch.float32)
@@ -284,7 +285,8 @@ def _checkpoint(t: FeatureParallelTrainer, provenance: dict) -> dict:
             for name in ("exp_avg", "exp_avg_sq"):
                 opt["state"][i][name] = _gather_features(comm, opt["state"][i][name], F_)
     return {"config": asdict(t.cfg), "step": t.step_idx, "scale": t.scale, "last": t.last, "activations": provenance,
-            "sae": t.full_state(), "opt": opt, "stats": t.full_stats(), "rng": torch.get_rng_state()}
+            "sae": t.full_state(), "opt": opt, "stats": t.full_stats(), "rng": torch.get_rng_state(),
+            "wandb_id": t.wandb_id}
 
 
 def _load_checkpoint(t: FeatureParallelTrainer, path: Path, provenance: dict) -> None:
@@ -300,12 +302,12 @@ def _load_checkpoint(t: FeatureParallelTrainer, path: Path, provenance: dict) ->
                 opt["state"][i][name] = opt["state"][i][name][block]
     t.opt.load_state_dict(opt)
     t.stats.load_state_dict({k: (v[block] if v.ndim == 1 else v) for k, v in state["stats"].items()})
-    t.step_idx, t.scale, t.last = state["step"], state["scale"], state.get("last", {})
+    t.step_idx, t.scale, t.last, t.wandb_id = state["step"], state["scale"], state.get("last", {}), state.get("wandb_id")
 
 
 # %% ../nbs/16_feature_parallel.ipynb #ec8f7970
 def train_feature_parallel(cfg: TrainConfig, source, out_dir, comm, resume: bool = False, overwrite: bool = False,
-                           device="cpu", stop_after: int | None = None) -> Path:
+                           device="cpu", stop_after: int | None = None, progress: bool = True, wandb: str | None = None) -> Path:
     "Train one SAE with its features split across the ranks of comm; rank 0 writes the usual checkpoint.pt and sae.safetensors."
     if getattr(source, "world", 1) > 1:
         raise UserError("feature-parallel training needs the whole batch on every rank: build the StreamSource without comm")
@@ -326,7 +328,8 @@ def train_feature_parallel(cfg: TrainConfig, source, out_dir, comm, resume: bool
             return run / "sae.safetensors"
         staged = atomic_dir(run) if state == "replace" and comm.rank == 0 else None  # the old run stays whole till the end
         try:
-            _train_blocks(cfg, source, run, staged or run, comm, provenance, state == "resume", device, stop_after)
+            _train_blocks(cfg, source, run, staged or run, comm, provenance, state == "resume", device, stop_after, progress,
+                          wandb)
             if staged is not None:
                 commit_dir(staged, run, overwrite=True)
         except BaseException:
@@ -338,24 +341,42 @@ def train_feature_parallel(cfg: TrainConfig, source, out_dir, comm, resume: bool
 
 
 def _train_blocks(cfg: TrainConfig, source, run: Path, write: Path, comm, provenance: dict, resume: bool, device,
-                  stop_after: int | None) -> None:
-    "The training loop of train_feature_parallel: read from run, write into write (rank 0)."
+                  stop_after: int | None, progress: bool = True, wandb: str | None = None) -> None:
+    "The training loop of train_feature_parallel: read from run, write into write (rank 0): metrics, checkpoints, the SAE."
     t = FeatureParallelTrainer(cfg, source.d_model, comm, device)
     stream = source.batches(cfg.batch_size, seed=cfg.seed)
     t.initialize(next(stream))
     if resume and (run / "checkpoint.pt").exists():
         _load_checkpoint(t, run / "checkpoint.pt", provenance)
-    if comm.rank == 0:
+    writer = comm.rank == 0
+    if writer:
         truncate_metrics(write, t.step_idx)  # drop lines logged after the checkpoint
+    w_run = wandb_run(wandb, cfg, write, t.wandb_id) if wandb and writer else None  # a resumed run continues its own
+    if w_run is not None:
+        t.wandb_id = w_run.id  # saved with the next checkpoint
     stream = source.batches(cfg.batch_size, seed=cfg.seed, start=t.step_idx)
-    for step in range(t.step_idx, cfg.n_steps if stop_after is None else min(stop_after, cfg.n_steps)):
-        m = t.step(next(stream))
-        if comm.rank == 0 and (t.step_idx % cfg.log_every == 0 or t.step_idx == cfg.n_steps):
-            write.mkdir(parents=True, exist_ok=True)
-            with open(write / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**m, "time": time.time()}) + "\n")
+    end = cfg.n_steps if stop_after is None else min(stop_after, cfg.n_steps)
+    bar = tqdm(total=cfg.n_steps, initial=t.step_idx, disable=not (progress and writer), desc="training 1 SAE (features)")
+    try:
+        for step in range(t.step_idx, end):
+            m = t.step(next(stream))
+            if t.step_idx % cfg.log_every == 0 or t.step_idx == cfg.n_steps:  # every rank: the dead count is a collective
+                dead = comm.all_reduce(t.stats.dead().sum().double(), "sum").item() / cfg.n_features
+                if writer:
+                    log_line(write, {**m, "dead_frac": dead, "time": time.time()}, w_run)
+            if cfg.checkpoint_every and t.step_idx % cfg.checkpoint_every == 0 and t.step_idx < end:
+                state = _checkpoint(t, provenance)  # every rank: gathered from the blocks
+                if writer:
+                    atomic_torch_save(state, write / "checkpoint.pt")
+                fault_point(f"checkpoint:{cfg.name}:{t.step_idx}")
+            bar.set_postfix(nmse=f"{m['nmse']:.3f}", l0=f"{m['l0']:.1f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if w_run is not None:
+            w_run.finish()
     state = _checkpoint(t, provenance)
-    if comm.rank == 0:
+    if writer:
         atomic_torch_save(state, write / "checkpoint.pt")
         if t.step_idx == cfg.n_steps:
             sae = SAE(t.sae.cfg, device="cpu")

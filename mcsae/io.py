@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

@@ -28,8 +28,8 @@ _all_ = ["BatchSource", "CacheSource", "TensorSource", "TrainConfig", "Trainer",
          "input_scale", "lr_factor", "read_checkpoint"]
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'truncate_metrics', 'read_metrics', 'run_state', 'TrainingInterrupted', 'train', 'on_rank0',
-           'BatchSource', 'CacheSource', 'TensorSource', 'TrainConfig', 'Trainer', 'TrainingDiverged',
+__all__ = ['RUN_FILES', 'truncate_metrics', 'read_metrics', 'run_state', 'TrainingInterrupted', 'train', 'on_rank0', 'log_line',
+           'wandb_run', 'BatchSource', 'CacheSource', 'TensorSource', 'TrainConfig', 'Trainer', 'TrainingDiverged',
            'fold_input_scale', 'input_scale', 'lr_factor', 'read_checkpoint']
 
 # %% ../nbs/08b_train.ipynb #d978c6cc
@@ -268,26 +268,34 @@ def _where(trainers: list[Trainer], staged: dict) -> str:
 
 
 # %% ../nbs/08b_train.ipynb #96f7521f
-def _log(t: Trainer, m: dict, run=None) -> None:
-    "Append one metrics line (with the dead fraction) to metrics.jsonl, and the same line to a W&B run if given."
-    line = {**m, "dead_frac": t.stats.dead().float().mean().item(), "time": time.time()}
-    t.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(t.out_dir / "metrics.jsonl", "a") as f:
+def log_line(out_dir: Path, line: dict, run=None) -> None:
+    "Append one metrics line to out_dir/metrics.jsonl, and the same line to a W&B run if given."
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
     if run is not None:
         run.log(line, step=line["step"])
 
 
+def _log(t: Trainer, m: dict, run=None) -> None:
+    "Log a trainer's metrics with the dead fraction and the time."
+    log_line(t.out_dir, {**m, "dead_frac": t.stats.dead().float().mean().item(), "time": time.time()}, run)
+
+
+def wandb_run(project: str, cfg: TrainConfig, out_dir: Path, run_id: str | None = None):
+    "A W&B run for one SAE, named like its run folder; run_id (kept in its checkpoint) continues that run."
+    wandb = require("wandb", "wandb")  # optional: a one-line error naming the extra when it is missing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, name=cfg.name, id=run_id or secrets.token_hex(4), resume="allow",
+                      config=asdict(cfg), dir=str(out_dir), reinit="create_new")
+
+
 def _wandb_runs(project: str | None, trainers: list[Trainer]) -> list:
-    "One W&B run per trainer, named like its run folder; a resumed run continues its own (None without a project)."
+    "One W&B run per trainer; a resumed trainer continues its own (all None without a project)."
     if project is None:
         return [None] * len(trainers)
-    wandb = require("wandb", "wandb")  # optional: a one-line error naming the extra when it is missing
-    runs = []
-    for t in trainers:
-        t.out_dir.mkdir(parents=True, exist_ok=True)
-        t.wandb_id = t.wandb_id or secrets.token_hex(4)  # a resumed trainer keeps its checkpoint's W&B run
-        runs.append(wandb.init(project=project, name=t.cfg.name, id=t.wandb_id, resume="allow", config=asdict(t.cfg),
-                               dir=str(t.out_dir), reinit="create_new"))
+    runs = [wandb_run(project, t.cfg, t.out_dir, t.wandb_id) for t in trainers]
+    for t, run in zip(trainers, runs):
+        t.wandb_id = run.id  # saved with the next checkpoint
     return runs
 

@@ -396,9 +396,30 @@ def test_cli_torchrun(tmp_path):
                             "--parallel", "features"], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and again.stderr.startswith("mcsae: error: --parallel features trains one SAE")
     assert len(again.stderr.strip().splitlines()) == 1
-    logged = subprocess.run([sys.executable, "-m", "mcsae", *features, "--wandb", "p"], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert logged.returncode == 2 and logged.stderr.startswith("mcsae: error: --wandb does not log feature-parallel")
+    # killed (both ranks) right after the step-2 checkpoint; resumed by one plain process: the same SAE
+    run_name = Path(printed[0]).parent.name
+    cut = [a if a != str(tmp_path / "runs") else str(tmp_path / "cut") for a in features] + ["--checkpoint-every", "2"]
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                             "mcsae", *cut], capture_output=True, text=True, timeout=300,
+                            env={**env, "MCSAE_FAULT": f"checkpoint:{run_name}:2"})
+    assert killed.returncode != 0
+    ckpt = tmp_path / "cut" / run_name / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 2 and not (ckpt.parent / "sae.safetensors").exists()
+    plain = [a for a in cut if a not in ("--parallel", "features")] + ["--resume"]
+    resumed = subprocess.run([sys.executable, "-m", "mcsae", *plain], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, got = SAE.load(printed[0]).state_dict(), SAE.load(ckpt.parent / "sae.safetensors").state_dict()
+    for key, v in whole.items():
+        assert _close(got[key], v), key
+    env_wandb = {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    logged = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                             "mcsae", *features, "--overwrite", "--wandb", "p"], capture_output=True, text=True, timeout=300,
+                            env=env_wandb)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    run_dir = Path(printed[0]).parent
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone logs, to one W&B run
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and all("dead_frac" in m for m in lines)
 
 
 class _Joined:
