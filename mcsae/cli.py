@@ -24,7 +24,7 @@ from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel
 from .interop import export_saelens, external_format, imported_mismatch, load_external
 from .io import MissingDependency, UserError, creatable_dir
-from .models import ActivationConfig, resolve_device
+from .models import ActivationConfig, resolve_device, local_path
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
 from .store import build_cache, hook_label, open_cache
 from .train import CacheSource, TrainConfig, train
@@ -112,6 +112,8 @@ def _check_cache_options(cache, args) -> None:
         given, have = getattr(args, name), built[name]
         if name == "hook":
             given, have = hook_label(given), hook_label(have)
+        if name in ("model", "corpus") and isinstance(given, str) and isinstance(have, str):
+            given, have = local_path(given), local_path(have)  # ./tiny and /abs/tiny are the same model
         if given != have:
             option = "--" + name.replace("_", "-")
             raise UserError(f"the cache {cache.path} was built with {name}={have!r}, but {option} {given!r} was given: "

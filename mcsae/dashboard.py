@@ -17,12 +17,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .io import UserError, check_field, is_int
+from .evaluate import check_activations
 from .sae import SAE
-from .store import ActivationCache, provenance_mismatch
+from .store import ActivationCache
 
 # %% auto #0
 __all__ = ['DashboardConfig', 'parse_features', 'ContextLayout', 'topn_merge', 'TopN', 'histogram_update', 'FeatureCollector',
-           'check_activations', 'select_pairs', 'collect', 'logit_effects']
+           'select_pairs', 'collect', 'logit_effects']
 
 # %% ../nbs/13_dashboard.ipynb #ce60fbaf
 @dataclass
@@ -282,16 +283,6 @@ def _context_range(cache: ActivationCache, layout: ContextLayout, split: str) ->
         return 0, layout.n_contexts
     lo, hi = cache.manifest["context_splits"][split]
     return lo, hi
-
-
-def check_activations(sae: SAE, cache: ActivationCache, what: str = "the SAE") -> None:
-    "UserError unless the cache holds activations of the width, model and hook the SAE was trained on (where it records them)."
-    if sae.cfg.d_in != cache.d_model:
-        raise UserError(f"{what} takes d_in={sae.cfg.d_in} but the cache at {cache.path} holds d_model={cache.d_model}")
-    diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
-    if diff:
-        raise UserError(f"{what} was trained on other activations than the cache {cache.path} holds ({diff}; SAE vs cache): "
-                        f"pass --cache a cache of its model and hook")
 
 
 @torch.no_grad()

@@ -383,22 +383,22 @@ class StreamSource:
         self.keep = keep_mask(self.tokens, tokenizer)  # [N / W, T]
         self.d_model = capture(model, self.tokens[:1], self.hook).shape[-1]
         self.provenance = {"model": cfg.model, "hook": hook_label(cfg.hook), "corpus": cfg.corpus,
-                           "context_length": cfg.context_length, "d_model": self.d_model}  # kept with checkpoints and SAEs
+                           "context_length": cfg.context_length, "d_model": self.d_model,
+                           "stream_processes": world}  # kept with checkpoints and SAEs: the shares depend on the world
         self.device = resolve_device(cfg.device)
 
     def batches(self, batch_size: int, seed: int = 0, start: int = 0):
         "Batches [batch_size, d] of this rank's activations, reshuffled each epoch; the first `start` are skipped."
-        epoch, skipped = 0, 0
+        per_epoch = int(self.keep.sum()) // batch_size  # what one pass yields (shuffle_batches drops the remainder)
+        if per_epoch == 0:
+            raise UserError(f"this rank's share of the corpus holds fewer than batch_size={batch_size} activations")
+        epoch, skip = divmod(start, per_epoch)  # resuming: whole epochs are skipped without running the model
+        buffer = max(self.cfg.buffer_size, 2 * batch_size)
         while True:
             chunks = iter_activations(self.model, self.tokens, self.hook, self.cfg.model_batch_size, self.keep)
-            n_epoch = 0
-            buffer = max(self.cfg.buffer_size, 2 * batch_size)
             for x in shuffle_batches(chunks, buffer, batch_size, seed * 1_000_003 + epoch):
-                n_epoch += 1
-                if skipped < start:  # resuming: replay the stream up to where the checkpoint left off
-                    skipped += 1
+                if skip:  # within the epoch the shuffling buffer's state is needed: replay up to the checkpoint
+                    skip -= 1
                     continue
                 yield x.to(device=self.device, dtype=torch.float32)
-            if n_epoch == 0:
-                raise UserError(f"this rank's share of the corpus holds fewer than batch_size={batch_size} activations")
             epoch += 1

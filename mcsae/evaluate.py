@@ -21,11 +21,11 @@ from .io import UserError, atomic_write, is_int
 from .models import load_model
 from .losses import FeatureStats, fit_zipf
 from .sae import SAE
-from .store import hook_label, provenance_mismatch
+from .store import ActivationCache, hook_label, provenance_mismatch
 
 # %% auto #0
 __all__ = ['reconstruction_metrics', 'spearman', 'adaptive_computation', 'save_results', 'training_statistics',
-           'downstream_losses', 'evaluate_run']
+           'downstream_losses', 'check_activations', 'evaluate_run']
 
 # %% ../nbs/09_evaluate.ipynb #5f885910
 @torch.no_grad()
@@ -195,27 +195,32 @@ def _splice_fn(sae: SAE, mode: str, keep: Tensor):
         return out
     return fn
 
+# %% ../nbs/09_evaluate.ipynb #9fbf4920
+def check_activations(sae: SAE, cache: ActivationCache, what: str = "the SAE") -> None:
+    "UserError unless the cache holds activations of the width, model and hook the SAE was trained on (where it records them)."
+    if sae.cfg.d_in != cache.d_model:
+        raise UserError(f"{what} takes d_in={sae.cfg.d_in} but the cache at {cache.path} holds d_model={cache.d_model}")
+    diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
+    if diff:
+        raise UserError(f"{what} was trained on other activations than the cache {cache.path} holds ({diff}; SAE vs cache): "
+                        f"pass --cache a cache of its model and hook")
+
 # %% ../nbs/09_evaluate.ipynb #b93692a0
 def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] | None = None, eval_tokens: int = 65_536,
                  batch_size: int | None = None, downstream_contexts: int = 32, device: str = "cpu",
                  progress: bool = True, sae: SAE | None = None) -> dict:
     "Evaluate the SAE in run_dir (or `sae`, e.g. an imported one) on a cache's held-out split; write run_dir/eval.json."
-    run_dir = Path(run_dir)
+    path = Path(run_dir)  # a run folder, or an SAE file (eval.json goes next to it)
+    ckpt, run_dir = (path, path.parent) if path.is_file() else (path / "sae.safetensors", path)
     if not (is_int(eval_tokens) and eval_tokens >= 1):
         raise UserError(f"eval_tokens (--eval-tokens) must be an integer >= 1, got {eval_tokens!r}")
     if not (is_int(downstream_contexts) and downstream_contexts >= 0):
         raise UserError(f"downstream_contexts (--downstream-contexts) must be an integer >= 0, got {downstream_contexts!r}")
     if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
         raise UserError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
-    ckpt = run_dir / "sae.safetensors"
     sae = SAE.load(ckpt, device=device) if sae is None else sae.to(device)
     meta = _metadata(ckpt) if ckpt.exists() else {}
-    if sae.cfg.d_in != cache.d_model:
-        raise UserError(f"the SAE in {run_dir} takes d_in={sae.cfg.d_in} but the cache holds d_model={cache.d_model}")
-    diff = provenance_mismatch(sae.provenance, cache.provenance, keys=("model", "hook", "d_model"))
-    if diff:
-        raise UserError(f"the SAE in {run_dir} was trained on other activations than the cache {cache.path} holds "
-                        f"({diff}; SAE vs cache): evaluate it on a cache of its own model and hook")
+    check_activations(sae, cache, f"the SAE in {run_dir}")
     modes = modes or (("batch",) if sae.cfg.kind == "topk" else ("batch", "threshold"))
     bs = batch_size or meta.get("train_config", {}).get("batch_size", 4096)
     x = cache.read("eval")[:eval_tokens]  # [n, d]
@@ -225,7 +230,7 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
     batches = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
     res = {"run": str(run_dir), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
            "modes": {m: reconstruction_metrics(sae, batches, mode=m) for m in modes},
-           **(training_statistics(run_dir) if ckpt.exists() else {})}
+           **(training_statistics(run_dir) if (run_dir / "sae.safetensors").exists() else {})}
     if downstream_contexts:
         if model is None:
             model, _ = load_model(cache.manifest["model"], device=device)

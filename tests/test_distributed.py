@@ -140,6 +140,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["err/mismatch"] = _error(lambda: train(mine, data, out / "bad2", progress=False, comm=comm))
     res["err/drop"] = _error(lambda: train(_cfg("topk", "zipf", "none", outlier_norm=2.0, outlier_action="drop"),
                                            data, out / "bad3", progress=False, comm=comm))
+    res["err/no_comm"] = _error(lambda: train(_cfg("topk", "zipf", "none"), data, out / "bad4", progress=False))
     # the last rank stops in the middle of training: the others must raise DistributedError, not hang
     trainer = Trainer(_cfg("mutual_choice", "zipf", "none"), D, out / "fail")
     comm.attach(trainer)
@@ -360,6 +361,8 @@ def test_bad_input(results, world):
         assert "differs from rank" in err and "['k'" in err and "\n" not in err
         err = res[world][r]["err/drop"]
         assert "unequal shares" in err and "outlier_action='clip'" in err and "\n" not in err
+        err = res[world][r]["err/no_comm"]  # a group is initialised, but train was not given it: refused, not run alone
+        assert f"initialised with {world} processes" in err and "init_data_parallel()" in err and "\n" not in err
     assert res[world][world - 1]["err/peer"] == "stopped"
     for r in range(world - 1):
         err = res[world][r]["err/peer"]
@@ -516,7 +519,7 @@ def test_cli_stream_and_resume(model_dir, tmp_path, capsys, monkeypatch):
     whole = Path(out.strip().splitlines()[-1])
     assert whole == tmp_path / "whole" / _STREAM_RUN / "sae.safetensors"
     assert SAE.load(whole).provenance == {"model": model_dir, "hook": "embed", "corpus": "default", "context_length": 32,
-                                          "d_model": 16}  # streamed: no activation cache was written
+                                          "d_model": 16, "stream_processes": 1}  # streamed: no cache written
     assert not (tmp_path / "whole" / "activations").exists()
     monkeypatch.setenv("MCSAE_FAULT", f"checkpoint:{_STREAM_RUN}:2=INT")  # Ctrl-C right after the checkpoint of step 2
     code, _, err = _main(capsys, *args, "--out", tmp_path / "cut")
@@ -575,3 +578,17 @@ def test_hanging_rank_stops_the_others_at_the_timeout(model_dir, tmp_path):
     assert lines[-1].startswith("mcsae: error: rank 1/2: ") and f"timeout of {timeout_s} s" in lines[-1], lines[-1]
     assert "--dist-timeout" in lines[-1] and "another rank stopped or hangs" in lines[-1]
     assert waited < timeout_s + 20, waited  # the timeout, plus the exit of a loaded machine; not forever
+
+
+def test_stream_resume_on_another_number_of_processes_is_refused(tmp_path):
+    "A --stream run's shares depend on the number of processes: its checkpoint resumes on that number only, else a clear error."
+    model, tok = tiny_model(n_layer=1, d_model=16)
+    one = StreamSource(_STREAM, model, tok)
+    half = StreamSource(_STREAM, model, tok, comm=SimpleNamespace(rank=0, world=2))  # rank 0's share of 2 processes
+    assert one.provenance["stream_processes"] == 1 and half.provenance["stream_processes"] == 2
+    train(_stream_cfg(), one, tmp_path, progress=False, stop_after=2)
+    with pytest.raises(UserError, match="stream_processes 1 vs 2"):
+        train(_stream_cfg(), half, tmp_path, progress=False, resume=True)
+    per_epoch = int(one.keep.sum()) // 48
+    later = list(zip(range(per_epoch + 2), one.batches(48)))[-1][1]  # resuming in the second epoch skips the first
+    assert torch.equal(next(one.batches(48, start=per_epoch + 1)), later)

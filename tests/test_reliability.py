@@ -772,3 +772,27 @@ def test_missing_optional_package_is_a_one_line_error(tmp_path, capsys, monkeypa
                             "--n-tokens", 500, "--out", tmp_path / "c")
     assert_user_error(code, err, "transformers", 'pip install "mcsae[lm]"')
     assert not (tmp_path / "c").exists() and hidden(tmp_path) == []
+
+
+def test_local_model_and_corpus_paths_are_the_same_from_any_folder(tmp_path, capsys, monkeypatch):
+    "A cache built with `--model ./tiny --corpus ./text.txt` records absolute paths: another spelling of the same files is no "
+    "conflict, and later commands run from any folder find them."
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(MODEL, work / "tiny")
+    (work / "text.txt").write_text("In the beginning was the word, and the word was with the text. " * 200)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = run_main(capsys, "cache", "--model", "./tiny", "--hook", "1", "--corpus", "text.txt", "--context-length",
+                            32, "--n-tokens", 3000, "--eval-fraction", 0.2, "--out", "acts")
+    assert code == 0, err[-2000:]
+    built = json.loads((work / "acts" / "manifest.json").read_text())["config"]
+    assert built["model"] == str(work / "tiny") and built["corpus"] == str(work / "text.txt")
+    monkeypatch.chdir(elsewhere)  # the same model by its absolute path, from another folder: accepted
+    code, out, err = run_main(capsys, *train_args(elsewhere / "runs", "--model", work / "tiny", "--corpus",
+                                                  work / "text.txt", cache=work / "acts", steps=10))
+    assert code == 0, err[-2000:]
+    code, out, err = run_main(capsys, "evaluate", out.strip().splitlines()[-1], "--cache", work / "acts",
+                              "--downstream-contexts", 2)  # loads the model the cache names, from this other folder
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    code, _, err = run_main(capsys, *train_args(elsewhere / "other", "--model", MODEL, cache=work / "acts", steps=10))
+    assert_user_error(code, err, "--model")  # another model (another folder) is still a conflict
