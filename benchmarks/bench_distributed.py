@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 from mcsae.sae import VARIANTS  # variant id -> (SAEConfig fields, display label): the project's names
 
-DEFAULT_VARIANTS = ["topk", "feature_choice-zipf", "mutual_choice"]
+DEFAULT_VARIANTS = list(VARIANTS)
 AUX = ("none", "aux_k", "aux_zipf")
 
 
