@@ -22,7 +22,7 @@ from .dashboard_site import dashboard_run
 from .distributed import StreamSource, init_data_parallel
 from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel
-from .interop import export_saelens, external_format, imported_mismatch, load_external
+from .interop import evaluate_external, export_saelens, external_format
 from .io import MissingDependency, UserError, creatable_dir
 from .models import ActivationConfig, resolve_device, local_path
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
@@ -210,12 +210,7 @@ def cmd_evaluate(args) -> None:
         if external_format(run) is None:
             res = evaluate_run(run, cache, **kw)
         else:
-            imp = load_external(run, device=device, k=args.k)
-            diff = imported_mismatch(imp, cache.provenance)
-            if diff:
-                raise UserError(f"{run} records other activations than the cache {cache.path} holds ({diff}; SAE vs "
-                                f"cache): evaluate it on a cache of its model and hook")
-            res = evaluate_run(Path(args.out) / imp.name, cache, modes=imp.modes, sae=imp.sae, batch_size=imp.batch_size, **kw)
+            res = evaluate_external(run, cache, args.out, k=args.k, **kw)
         summary = {m: {k: round(r[k], 4) for k in ("nmse", "explained_variance", "l0_mean", "dead_frac_eval")}
                    for m, r in res["modes"].items()}
         if "downstream" in res:

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .hooks import model_device, replace_activation
-from .io import UserError, atomic_write, is_int
+from .io import MissingDependency, UserError, atomic_write, is_int
 from .models import load_model
 from .losses import FeatureStats, fit_zipf
 from .sae import SAE
@@ -233,7 +233,10 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
            **(training_statistics(run_dir) if (run_dir / "sae.safetensors").exists() else {})}
     if downstream_contexts:
         if model is None:
-            model, _ = load_model(cache.manifest["model"], device=device)
+            try:
+                model, _ = load_model(cache.manifest["model"], device=device)
+            except MissingDependency as e:  # the core install measures reconstruction without a language model
+                raise MissingDependency(f"{e} (or pass --downstream-contexts 0 to measure reconstruction only)") from None
         c0, _ = cache.manifest["context_splits"]["eval"]
         ctx = cache.tokens("eval")[:downstream_contexts]
         keep = torch.from_numpy(np.load(Path(cache.path) / "keep.npy"))[c0:c0 + len(ctx)]

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .evaluate import training_statistics
 from .io import UserError, atomic_dir, check_replaceable, commit_dir, read_safetensors
+from .evaluate import evaluate_run
 from .sae import SAE, SAEConfig, variant_id
 from .store import hook_label, provenance_mismatch
 from .train import fold_input_scale
@@ -27,7 +28,7 @@ from .train import fold_input_scale
 # %% auto #0
 __all__ = ['SAELENS_VERSION', 'RANKS_FILE', 'EXPORT_FILES', 'EMBEDDED_MODEL_NAMES', 'EMBEDDED_CORPORA', 'saelens_tensors',
            'saelens_names', 'write_folder', 'export_saelens', 'load_saelens', 'load_sparsify', 'Imported',
-           'external_format', 'load_external', 'imported_mismatch']
+           'external_format', 'load_external', 'imported_mismatch', 'evaluate_external']
 
 # %% ../nbs/12_interop.ipynb #d429eaf7
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here (SAE Lens >= 6 reads it without conversion)
@@ -424,3 +425,15 @@ def imported_mismatch(imp: Imported, provenance: dict) -> str:
     if theirs_layer is not None and our_layer is not None and theirs_layer != our_layer:
         return f"hook_name {imp.hook_name!r} vs {ours!r}"
     return ""
+
+# %% ../nbs/12_interop.ipynb #d6ac3eb1
+def evaluate_external(path: str | Path, cache, out_dir: str | Path, device: str | torch.device = "cpu", k: int | None = None,
+                      **kw) -> dict:
+    "Evaluate an SAE Lens folder or sparsify checkpoint on a cache as mcsae evaluates its runs (eval.json in out_dir/NAME)."
+    imp = load_external(path, device=device, k=k)
+    diff = imported_mismatch(imp, cache.provenance)
+    if diff:
+        raise UserError(f"{path} records other activations than the cache {cache.path} holds ({diff}; SAE vs cache): "
+                        f"evaluate it on a cache of its model and hook")
+    return evaluate_run(Path(out_dir) / imp.name, cache, modes=imp.modes, sae=imp.sae, batch_size=imp.batch_size,
+                        device=device, **kw)

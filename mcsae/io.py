@@ -248,12 +248,20 @@ def writable_dir(path: str | Path, option: str = "--out") -> Path:
     path = Path(path).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = temp_path(path / "write-check")
-        probe.touch()
-        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
+    _probe_write(path, path, option)
     return path
+
+
+def _probe_write(folder: Path, path: Path, option: str) -> None:
+    "UserError naming path and option unless a (temporary) folder can be made in folder."
+    try:
+        probe = temp_path(folder / "write-check")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
 
 # %% ../nbs/00_io.ipynb #450895e0
 def check_replaceable(path: str | Path, overwrite: bool, owned: Callable[[Path], set[str] | None], what: str,
@@ -289,12 +297,7 @@ def creatable_dir(path: str | Path, option: str = "--out") -> Path:
         base = base.parent
     if not base.is_dir():
         raise UserError(f"cannot write to {path} ({base} is not a folder): choose another {option}")
-    try:
-        probe = temp_path(base / "write-check")
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as e:
-        raise UserError(f"cannot write to {path} ({e.strerror or e}): choose another {option}") from None
+    _probe_write(base, path, option)
     return path
 
 # %% ../nbs/00_io.ipynb #5acc8bc0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,7 +18,7 @@ plt = require("matplotlib.pyplot", "reproduce")
 
 # %% auto #0
 __all__ = ['plt', 'COLORS', 'color', 'use_style', 'mean_std', 'pm', 'paired_difference', 'verdict', 'load_json',
-           'describe_source', 'save_figure', 'write_notes']
+           'describe_source', 'save_figure', 'write_notes', 'Sweep', 'open_sweep']
 
 # %% ../nbs/10_plots.ipynb #fdbf3b8f
 COLORS = {"topk": "#1f77b4", "feature_choice-zipf": "#ff7f0e", "feature_choice-uniform": "#2ca02c", "mutual_choice": "#d62728"}
@@ -93,3 +94,22 @@ def write_notes(figures_dir: str | Path, name: str, title: str, shows: str, file
     notes = {"title": title, "shows": shows, "files": files, "findings": findings}
     (Path(figures_dir) / f"{name}.notes.json").write_text(json.dumps(notes, indent=1))
     print(title, "\n", "\n".join(f"* {f}" for f in findings))
+
+# %% ../nbs/10_plots.ipynb #83361a99
+class Sweep(NamedTuple):
+    "What a figure notebook starts from."
+    results_dir: Path  # the sweep's result files
+    figures_dir: Path  # where the figure, its notes and tables go
+    provenance: dict  # provenance.json of the sweep
+    preset: dict  # the preset it ran
+    source: str  # one line naming model, hook, size and preset (describe_source)
+
+
+def open_sweep(results_dir: str | Path, figures_dir: str | Path, style: bool = True, grid: bool = True) -> Sweep:
+    "The folders of a figure notebook (figures_dir created), the house style set (if style), and the sweep's provenance."
+    results_dir, figures_dir = Path(results_dir), Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    if style:
+        use_style(grid)
+    prov = load_json(results_dir, "provenance.json")
+    return Sweep(results_dir, figures_dir, prov, prov.get("preset", {}), describe_source(prov))

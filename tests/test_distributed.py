@@ -28,6 +28,7 @@ from mcsae.distributed import (DataParallel, DistributedError, StreamSource, fea
 from mcsae.feature_parallel import FeatureParallelTrainer, train_feature_parallel
 from mcsae.sae import SAE
 from mcsae.train import TensorSource, TrainConfig, Trainer, train
+from clitools import run_main
 from tiny import tiny_model
 
 B, D, N_DATA = 24, 8, 24 * 8  # global batch (splits across 1, 2, 3 processes), width, data rows
@@ -321,11 +322,13 @@ def _assert_matches(single: dict, ranks: list[dict], dim: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("kind,cap,aux", RUNS)
-def test_training_matches_one_process(results, tmp_path, world, kind, cap, aux):
-    "Tokens split: the same pairs at every step (main and aux), buffers, statistics, metrics and weights as one process."
+@pytest.mark.parametrize("mode", ["data", "features"])
+def test_matches_one_process(results, tmp_path, world, kind, cap, aux, mode):
+    "Tokens (data) or features split: the same pairs at every step (main and aux), buffers, statistics, metrics and weights."
     res, _ = results
     single = _single(kind, cap, aux, tmp_path)
-    _assert_matches(single, [res[world][r][f"run/{kind}-{cap}-{aux}"] for r in range(world)], 0)
+    key, dim = ("run", 0) if mode == "data" else ("fp", 1)  # the ranks' shares join along tokens or features
+    _assert_matches(single, [res[world][r][f"{key}/{kind}-{cap}-{aux}"] for r in range(world)], dim)
     if aux != "none":
         assert any(m["aux"] > 0 for m in single["metrics"]) and single["aux_masks"]  # the aux loss did act
 
@@ -453,15 +456,6 @@ def test_streaming_matches_one_process(results, tmp_path):
         assert _close(got[name], v), name
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind,cap,aux", RUNS)
-def test_feature_parallel_matches_one_process(results, tmp_path, world, kind, cap, aux):
-    "Features split: the same pairs at every step (main and aux), buffers, statistics, metrics and weights as one process."
-    res, _ = results
-    single = _single(kind, cap, aux, tmp_path)
-    _assert_matches(single, [res[world][r][f"fp/{kind}-{cap}-{aux}"] for r in range(world)], 1)
-
-
 def test_feature_parallel_resume(results, tmp_path):
     "A feature-parallel run stopped by 2 processes, resumed feature-parallel on 3 and by one plain process, ends as one process does."
     _, out = results
@@ -497,24 +491,10 @@ def model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    "`mcsae ARGS` in this process: (exit code, stdout, stderr)."
-    from mcsae.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_stream_and_resume(model_dir, tmp_path, capsys, monkeypatch):
     "`mcsae train --stream` trains from the running model; stopped by Ctrl-C after step 2 and resumed, it ends as the run never stopped."
     args = ["train", "--stream", "--model", model_dir, *_STREAM_ARGS]
-    code, out, err = _main(capsys, *args, "--out", tmp_path / "whole")
+    code, out, err = run_main(capsys, *args, "--out", tmp_path / "whole")
     assert code == 0, err[-3000:]
     whole = Path(out.strip().splitlines()[-1])
     assert whole == tmp_path / "whole" / _STREAM_RUN / "sae.safetensors"
@@ -522,12 +502,12 @@ def test_cli_stream_and_resume(model_dir, tmp_path, capsys, monkeypatch):
                                           "d_model": 16, "stream_processes": 1}  # streamed: no cache written
     assert not (tmp_path / "whole" / "activations").exists()
     monkeypatch.setenv("MCSAE_FAULT", f"checkpoint:{_STREAM_RUN}:2=INT")  # Ctrl-C right after the checkpoint of step 2
-    code, _, err = _main(capsys, *args, "--out", tmp_path / "cut")
+    code, _, err = run_main(capsys, *args, "--out", tmp_path / "cut")
     assert code == 130 and "--resume" in err, err[-3000:]
     run = tmp_path / "cut" / _STREAM_RUN
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2 and not (run / "sae.safetensors").exists()
     monkeypatch.delenv("MCSAE_FAULT")
-    code, out, err = _main(capsys, *args, "--out", tmp_path / "cut", "--resume")
+    code, out, err = run_main(capsys, *args, "--out", tmp_path / "cut", "--resume")
     assert code == 0, err[-3000:]
     got, ref = SAE.load(out.strip().splitlines()[-1]).state_dict(), SAE.load(whole).state_dict()
     for name, v in ref.items():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from mcsae import interop
 from mcsae.cli import main
 from mcsae.evaluate import evaluate_run, reconstruction_metrics
-from mcsae.interop import (export_saelens, external_format, load_external, load_saelens, load_sparsify,
+from mcsae.interop import (evaluate_external, export_saelens, external_format, load_external, load_saelens, load_sparsify,
                            saelens_names, saelens_tensors)
 from mcsae.io import UserError
 from mcsae.models import ActivationConfig
@@ -275,6 +275,8 @@ def test_evaluate_imported_beside_mcsae(tmp_path, cache, runs, capsys):
     res_sp = json.loads((tmp_path / "evals" / "sp" / "eval.json").read_text())
     res_mc = json.loads((tmp_path / "evals" / "lens" / "eval.json").read_text())
     assert set(res_sp["modes"]) == {"batch"} and set(res_mc["modes"]) == {"batch", "threshold"} and "threshold" in printed
+    api = evaluate_external(tmp_path / "lens", c, tmp_path / "evals_api", downstream_contexts=0, progress=False)  # Python
+    assert api["modes"] == res_mc["modes"] and (tmp_path / "evals_api" / "lens" / "eval.json").exists()
     x = c.read("eval")[:65_536]
     with torch.no_grad():
         fvu = coder(x).fvu.item()  # one batch: the whole held-out split is smaller than 4096

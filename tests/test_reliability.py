@@ -30,6 +30,7 @@ import torch
 from mcsae.cli import main
 from mcsae.sae import SAE
 
+from clitools import run_main
 from tiny import tiny_model  # the offline tiny GPT-2 of the tests (tests/tiny.py)
 
 RUN = "topk-none-k4-F32-s0"  # the run name the CLI derives for train_args()
@@ -65,18 +66,6 @@ def spawn(*args, **env) -> subprocess.Popen:
 def cli(*args, timeout: float = 300, **env) -> subprocess.CompletedProcess:
     "Run `mcsae ARGS` in a child process to the end."
     return subprocess.run(ENTRY + [str(a) for a in args], env=_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    "Run the CLI's main() in this process: (exit code, stdout, stderr)."
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else repr(e.code))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def last_line(err: str) -> str:
