@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import random
 import re
@@ -186,18 +187,23 @@ def contexts_needed(n_tokens: int | None, context_length: int, has_bos: bool) ->
     return None if n_tokens is None else math.ceil(n_tokens / (context_length - has_bos))
 
 
-def corpus_tokens(cfg: ActivationConfig, tokenizer: Any) -> Tensor:
-    "Packed, context-shuffled token ids [N, T] for a config's corpus."
+def corpus_tokens(cfg: ActivationConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Tensor:
+    "Packed, context-shuffled token ids [N, T] for a config's corpus; of world shares, rank's (every world-th document)."
     docs = load_documents(cfg.corpus, cfg.corpus_config, cfg.split, cfg.text_column, cfg.streaming, cfg.seed)
+    if world > 1:  # a disjoint share of the documents: the others are never tokenized here
+        docs = itertools.islice(docs, rank, None, world)
     n_ctx = contexts_needed(cfg.n_tokens, cfg.context_length, tokenizer.bos_token_id is not None)
+    n_ctx = None if n_ctx is None else math.ceil(n_ctx / world)  # [N / W] contexts per share
     try:
         tokens = pack_documents(docs, tokenizer, cfg.context_length, n_ctx)  # [N, T]
     except UserError as e:
-        raise UserError(f"corpus {cfg.corpus!r}: {e}") from None
+        share = f" (share {rank} of {world})" if world > 1 else ""
+        raise UserError(f"corpus {cfg.corpus!r}{share}: {e}") from None
     if n_ctx is not None and len(tokens) < n_ctx:
         warnings.warn(
-            f"corpus {cfg.corpus!r} holds only {len(tokens)} contexts of {cfg.context_length} tokens, "
-            f"fewer than the {n_ctx} needed for n_tokens={cfg.n_tokens}; using all of it"
+            f"corpus {cfg.corpus!r} holds only {len(tokens)} contexts of {cfg.context_length} tokens"
+            f"{f' in share {rank} of {world}' if world > 1 else ''}, fewer than the {n_ctx} needed for "
+            f"n_tokens={cfg.n_tokens}; using all of it"
         )
     perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed))
     return tokens[perm]

@@ -376,10 +376,7 @@ class StreamSource:
         self.hook = resolve_hook(model, cfg.hook)  # fails fast on a bad hook
         rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
         self.world = world  # the number of disjoint shares the corpus is cut into
-        tokens = corpus_tokens(cfg, tokenizer)  # [N, T], the same shuffled contexts on every rank
-        if len(tokens) < world:
-            raise UserError(f"the corpus holds {len(tokens)} contexts, fewer than the {world} processes")
-        self.tokens = tokens[rank::world]  # [N / W, T]: contexts rank, rank + W, ...: disjoint shares
+        self.tokens = corpus_tokens(cfg, tokenizer, rank, world)  # [N / W, T]: documents rank, rank + W, ... packed
         self.keep = keep_mask(self.tokens, tokenizer)  # [N / W, T]
         self.d_model = capture(model, self.tokens[:1], self.hook).shape[-1]
         self.provenance = {"model": cfg.model, "hook": hook_label(cfg.hook), "corpus": cfg.corpus,
