@@ -37,6 +37,7 @@ def main(argv=None):
     import torch
 
     from mcsae.static import StaticStep
+    from mcsae.io import atomic_write
     from mcsae.trainer import TrainConfig, Trainer
 
     if args.threads:
@@ -81,7 +82,7 @@ def main(argv=None):
               f"({row['static_vs_eager']:.2f}x), compiled {med['compiled']:.0f} ms ({row['compiled_vs_eager']:.2f}x); "
               f"compile {compile_s:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
 
 
 if __name__ == "__main__":

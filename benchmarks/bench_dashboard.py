@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mcsae.dashboard import ContextLayout, DashboardConfig, FeatureCollector, select_pairs
+from mcsae.io import atomic_write
 from mcsae.dashboard_site import feature_page, index_page
 from mcsae.sae import SAE, SAEConfig
 
@@ -132,7 +133,7 @@ def main() -> None:
         shutil.rmtree(out)
     print(json.dumps(report, indent=1))
     if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
 
 
 if __name__ == "__main__":

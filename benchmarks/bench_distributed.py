@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mcsae.sae import VARIANTS  # variant id -> (SAEConfig fields, display label): the project's names
+from mcsae.io import atomic_write
 
 DEFAULT_VARIANTS = list(VARIANTS)
 AUX = ("none", "aux_k", "aux_zipf")
@@ -147,7 +148,7 @@ def main() -> None:
     if args.json:
         meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpus": os.cpu_count(),
                 "load_average": os.getloadavg(), "command": " ".join(["bench_distributed.py", *sys.argv[1:]])}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)))
 
 
 if __name__ == "__main__":

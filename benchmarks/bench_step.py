@@ -452,7 +452,9 @@ def main(argv=None):
         recorded = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
         for k in ("baseline_python", "mcsae_python"):  # an interpreter by name, never a path of this machine
             recorded[k] = Path(recorded[k]).name if Path(recorded[k]).is_absolute() else recorded[k]
-        Path(args.json).write_text(json.dumps(dict(args=recorded, results=results), indent=2))
+        tmp = Path(f"{args.json}.tmp-{os.getpid()}")  # written whole, then renamed: a killed run leaves the old file
+        tmp.write_text(json.dumps(dict(args=recorded, results=results), indent=2))
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

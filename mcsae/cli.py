@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate trained or imported SAEs; writes eval.json next to each trained one")
-    e.add_argument("runs", nargs="+", help="run folders (holding sae.safetensors), SAE Lens folders or sparsify checkpoints")
+    e.add_argument("runs", nargs="+", help="run folders (holding sae.safetensors), SAE files, SAE Lens folders or sparsify checkpoints")
     e.add_argument("--cache", required=True, help="activation cache (of the SAEs' model and hook) whose held-out split to use")
     e.add_argument("--eval-tokens", type=int, default=65_536, help="held-out activations to evaluate on (>= 1)")
     e.add_argument("--downstream-contexts", type=int, default=32, help="held-out contexts for the spliced-model loss (0: skip it)")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import itertools
 import math
 import random
 import re
@@ -188,22 +187,31 @@ def contexts_needed(n_tokens: int | None, context_length: int, has_bos: bool) ->
 
 
 def corpus_tokens(cfg: ActivationConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Tensor:
-    "Packed, context-shuffled token ids [N, T] for a config's corpus; of world shares, rank's (every world-th document)."
+    "Packed, context-shuffled token ids [N, T] for a config's corpus; of world disjoint shares, rank's."
     docs = load_documents(cfg.corpus, cfg.corpus_config, cfg.split, cfg.text_column, cfg.streaming, cfg.seed)
-    if world > 1:  # a disjoint share of the documents: the others are never tokenized here
-        docs = itertools.islice(docs, rank, None, world)
     n_ctx = contexts_needed(cfg.n_tokens, cfg.context_length, tokenizer.bos_token_id is not None)
-    n_ctx = None if n_ctx is None else math.ceil(n_ctx / world)  # [N / W] contexts per share
+    by_document = False
+    if world > 1:  # every rank reads the same documents, so every rank chooses its share the same way
+        docs = list(docs)
+        by_document = len(docs) >= 4 * world  # enough documents: each rank tokenizes only every world-th one
+        if by_document:
+            docs = docs[rank::world]
+            n_ctx = None if n_ctx is None else math.ceil(n_ctx / world)  # [N / W] contexts per share
     try:
         tokens = pack_documents(docs, tokenizer, cfg.context_length, n_ctx)  # [N, T]
     except UserError as e:
-        share = f" (share {rank} of {world})" if world > 1 else ""
-        raise UserError(f"corpus {cfg.corpus!r}{share}: {e}") from None
+        raise UserError(f"corpus {cfg.corpus!r}: {e}") from None
     if n_ctx is not None and len(tokens) < n_ctx:
         warnings.warn(
             f"corpus {cfg.corpus!r} holds only {len(tokens)} contexts of {cfg.context_length} tokens"
-            f"{f' in share {rank} of {world}' if world > 1 else ''}, fewer than the {n_ctx} needed for "
+            f"{f' in share {rank} of {world}' if by_document else ''}, fewer than the {n_ctx} needed for "
             f"n_tokens={cfg.n_tokens}; using all of it"
         )
     perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed))
-    return tokens[perm]
+    tokens = tokens[perm]
+    if world > 1 and not by_document:  # few documents (one file is one): every world-th packed context instead
+        if len(tokens) < world:
+            raise UserError(f"corpus {cfg.corpus!r} holds {len(tokens)} contexts of {cfg.context_length} tokens, fewer "
+                            f"than the {world} processes: use a longer corpus or fewer processes")
+        tokens = tokens[rank::world]  # [N / W, T]
+    return tokens

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dashboard import (DashboardConfig, FeatureCollector, TopN, check_activations, collect, logit_effects,
-                             select_pairs)
+from .dashboard import (DashboardConfig, FeatureCollector, TopN, collect, logit_effects, select_pairs)
+from .evaluate import check_activations
 from .io import UserError, atomic_dir, check_replaceable, commit_dir
 from .models import load_model
 from .sae import SAE, VARIANTS, variant_id

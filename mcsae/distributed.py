@@ -19,7 +19,7 @@ from torch import Tensor
 from .corpora import corpus_tokens, keep_mask
 from .hooks import capture, iter_activations, resolve_hook
 from .io import UserError
-from .models import ActivationConfig, load_model, resolve_device
+from .models import ActivationConfig, check_context_length, load_model, resolve_device
 from .store import hook_label, shuffle_batches
 from .allocation import (Allocation, candidate_pairs, check_capacities, column_candidates, column_thresholds, empty_allocation,
                          allocation_from_flat, global_threshold, group_size, smallest_positive, allocate, csr_offsets, topk_allocation)
@@ -373,10 +373,11 @@ class StreamSource:
         if model is None:
             model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
         self.cfg, self.model = cfg, model
+        check_context_length(model, cfg.context_length)  # before any forward pass: one line, not an IndexError
         self.hook = resolve_hook(model, cfg.hook)  # fails fast on a bad hook
         rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
         self.world = world  # the number of disjoint shares the corpus is cut into
-        self.tokens = corpus_tokens(cfg, tokenizer, rank, world)  # [N / W, T]: documents rank, rank + W, ... packed
+        self.tokens = corpus_tokens(cfg, tokenizer, rank, world)  # [N / W, T]: this rank's disjoint share
         self.keep = keep_mask(self.tokens, tokenizer)  # [N / W, T]
         self.d_model = capture(model, self.tokens[:1], self.hook).shape[-1]
         self.provenance = {"model": cfg.model, "hook": hook_label(cfg.hook), "corpus": cfg.corpus,

@@ -209,9 +209,11 @@ def check_activations(sae: SAE, cache: ActivationCache, what: str = "the SAE") -
 def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] | None = None, eval_tokens: int = 65_536,
                  batch_size: int | None = None, downstream_contexts: int = 32, device: str = "cpu",
                  progress: bool = True, sae: SAE | None = None) -> dict:
-    "Evaluate the SAE in run_dir (or `sae`, e.g. an imported one) on a cache's held-out split; write run_dir/eval.json."
-    path = Path(run_dir)  # a run folder, or an SAE file (eval.json goes next to it)
-    ckpt, run_dir = (path, path.parent) if path.is_file() else (path / "sae.safetensors", path)
+    "Evaluate the SAE of a run folder or file (or `sae`, e.g. an imported one) on a cache's held-out split; write eval.json."
+    path = Path(run_dir)  # a run folder, or an SAE file: results in RUN/eval.json, or next to the file as NAME.eval.json
+    ckpt, run_dir = (path, path.parent) if path.is_file() or path.suffix == ".safetensors" else (path / "sae.safetensors", path)
+    own = ckpt.name == "sae.safetensors"  # the run folder's own SAE: its training statistics belong to it
+    out_json = run_dir / "eval.json" if own else ckpt.with_name(ckpt.stem + ".eval.json")
     if not (is_int(eval_tokens) and eval_tokens >= 1):
         raise UserError(f"eval_tokens (--eval-tokens) must be an integer >= 1, got {eval_tokens!r}")
     if not (is_int(downstream_contexts) and downstream_contexts >= 0):
@@ -228,9 +230,9 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
         raise UserError(f"the activation cache at {cache.path} has no held-out ('eval') activations")
     b = min(bs, len(x))
     batches = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
-    res = {"run": str(run_dir), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
+    res = {"run": str(run_dir if own else ckpt), "sae": asdict(sae.cfg), "cache": {k: cache.manifest[k] for k in ("model", "hook", "corpus", "n_tokens")},
            "modes": {m: reconstruction_metrics(sae, batches, mode=m) for m in modes},
-           **(training_statistics(run_dir) if (run_dir / "sae.safetensors").exists() else {})}
+           **(training_statistics(run_dir) if own and ckpt.exists() else {})}
     if downstream_contexts:
         if model is None:
             try:
@@ -242,5 +244,5 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
         keep = torch.from_numpy(np.load(Path(cache.path) / "keep.npy"))[c0:c0 + len(ctx)]
         hook = cache.manifest["config"]["hook"]
         res["downstream"] = downstream_losses(model, ctx, hook, {m: (sae, m) for m in modes}, keep=keep, progress=progress)
-    save_results(res, run_dir / "eval.json")
+    save_results(res, out_json)
     return res

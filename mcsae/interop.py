@@ -28,7 +28,7 @@ from .train import fold_input_scale
 # %% auto #0
 __all__ = ['SAELENS_VERSION', 'RANKS_FILE', 'EXPORT_FILES', 'EMBEDDED_MODEL_NAMES', 'EMBEDDED_CORPORA', 'saelens_tensors',
            'saelens_names', 'write_folder', 'export_saelens', 'load_saelens', 'load_sparsify', 'Imported',
-           'external_format', 'load_external', 'imported_mismatch', 'evaluate_external']
+           'external_format', 'load_external', 'residual_hook', 'imported_mismatch', 'evaluate_external']
 
 # %% ../nbs/12_interop.ipynb #d429eaf7
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here (SAE Lens >= 6 reads it without conversion)
@@ -409,22 +409,34 @@ def load_external(path: str | Path, device: str | torch.device = "cpu", k: int |
     return Imported(sae, modes, fmt, folder.name, mine.get("train_batch_size"), hook_name)
 
 
-def _layer(hook_name: str) -> int | None:
-    "The block number in a hook name ('blocks.8.hook_resid_post', 'model.layers.3', 'transformer.h.2'), if any."
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", str(hook_name))
-    return int(m[1]) if m else None
+_RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")  # SAE Lens / TransformerLens residual-stream hooks
+_BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|h|blocks)\.(\d+)")  # a block module's output: model.layers.3, transformer.h.2
+
+
+def residual_hook(hook_name: str) -> str | None:
+    "The mcsae hook ('blocks.N': the output of block N; 'embed') a residual-stream hook name reads; None for other hooks."
+    name = str(hook_name)
+    if m := _RESID.fullmatch(name):  # resid_post of block N is its output; resid_pre of block N the output of N - 1
+        n = int(m[1])
+        return f"blocks.{n}" if m[2] == "post" else ("embed" if n == 0 else f"blocks.{n - 1}")
+    if m := _BLOCK_OUTPUT.fullmatch(name):
+        return f"blocks.{m[1]}"
+    return "embed" if name in ("embed", "model.embed_tokens") else None
 
 
 def imported_mismatch(imp: Imported, provenance: dict) -> str:
     "How an imported SAE's recorded activations differ from a cache's provenance ('' if they agree or cannot be told)."
     diff = provenance_mismatch(imp.sae.provenance, provenance, keys=("model", "hook", "d_model"))
-    if diff or imp.hook_name is None:
+    if diff or imp.hook_name is None or provenance.get("hook") is None:
         return diff
-    ours = saelens_names(provenance.get("model"), provenance.get("hook")).get("hook_name")
-    theirs_layer, our_layer = _layer(imp.hook_name), _layer(ours) if ours else None
-    if theirs_layer is not None and our_layer is not None and theirs_layer != our_layer:
-        return f"hook_name {imp.hook_name!r} vs {ours!r}"
-    return ""
+    ours = residual_hook(hook_label(provenance["hook"]))
+    if ours is None:  # the cache reads a module of its own (a module path): nothing to compare with
+        return ""
+    theirs = residual_hook(imp.hook_name)
+    if theirs is None:
+        return f"hook_name {imp.hook_name!r} is not the residual stream the cache holds ({ours!r})"
+    return "" if theirs == ours else f"hook_name {imp.hook_name!r} (mcsae {theirs!r}) vs {ours!r}"
+
 
 # %% ../nbs/12_interop.ipynb #d6ac3eb1
 def evaluate_external(path: str | Path, cache, out_dir: str | Path, device: str | torch.device = "cpu", k: int | None = None,

@@ -53,7 +53,7 @@ def pm(xs, digits: int = 3, scale: float = 1.0, n: bool = True) -> str:
 # %% ../nbs/10_plots.ipynb #efa809a0
 def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
     "Mean, sd and count over the seeds both have of b[seed] - a[seed] (dicts seed -> value)."
-    return mean_std(b[s] - a[s] for s in sorted(a.keys() & b.keys()))
+    return mean_std(b[s] - a[s] for s in sorted(a.keys() & b.keys()) if a[s] is not None and b[s] is not None)
 
 
 def verdict(d: float, sd: float, n: int, better_if_negative: bool = True) -> str:
@@ -62,6 +62,8 @@ def verdict(d: float, sd: float, n: int, better_if_negative: bool = True) -> str
         return "not measured"
     if n > 1 and abs(d) <= sd:
         return "within seed noise"
+    if d == 0:
+        return "no difference (one seed, no error bar)"
     word = "better" if (d < 0) == better_if_negative else "worse"
     return word if n > 1 else f"{word} (one seed, no error bar)"
 

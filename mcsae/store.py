@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .corpora import corpus_tokens, keep_mask
 from .hooks import iter_activations, resolve_hook
 from .io import UserError, atomic_dir, check_replaceable, commit_dir, fault_point, is_number
-from .models import ActivationConfig, check_context_length, load_model, resolve_device
+from .models import ActivationConfig, check_context_length, load_model, resolve_device, local_path
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'PROVENANCE_KEYS', 'shuffle_batches', 'take_rows', 'activation_batches', 'CacheError', 'hook_label',
@@ -110,8 +110,14 @@ def provenance(manifest: dict) -> dict:
 
 def provenance_mismatch(recorded: dict, current: dict, keys: tuple[str, ...] = PROVENANCE_KEYS) -> str:
     "The differences between two provenances on the keys both record ('' if none)."
+    def same(k: str) -> bool:
+        a, b = recorded[k], current[k]
+        if k in ("model", "corpus") and isinstance(a, str) and isinstance(b, str):
+            a, b = local_path(a), local_path(b)  # a local path recorded relative (older files) or absolute: one folder
+        return a == b
+
     diff = [f"{k} {recorded[k]!r} vs {current[k]!r}" for k in keys
-            if recorded.get(k) is not None and current.get(k) is not None and recorded[k] != current[k]]
+            if recorded.get(k) is not None and current.get(k) is not None and not same(k)]
     return ", ".join(diff)
 
 

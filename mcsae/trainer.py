@@ -215,6 +215,8 @@ def read_checkpoint(path: Path, cfg: TrainConfig, provenance: dict, device: str 
         raise UserError(f"cannot resume from {path}: not a readable mcsae training checkpoint ({type(e).__name__}); "
                         f"delete it to start the run over") from None
     diff = provenance_mismatch(recorded, provenance, (*PROVENANCE_KEYS, "stream_processes"))  # --stream: its shares
+    if provenance.get("stream_processes") is not None and recorded.get("stream_processes") is None:
+        diff = diff or "no stream shares recorded vs a --stream"  # a cache's run, or one from before shares were kept
     if diff:
         raise UserError(f"cannot resume from {path}: it was trained on other activations ({diff}; checkpoint vs "
                         f"now): resume it on the activations it was trained on")
@@ -305,7 +307,8 @@ class Trainer:
             n_tokens = self.comm.global_tokens(x.shape[0])
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"{cfg.name}: loss is {loss_value} at step {self.step_idx} "
-                                   f"(nmse {nmse_value}, aux {aux_value}); the last checkpoint in {self.out_dir} is intact")
+                                   f"(nmse {nmse_value}, aux {aux_value})"
+                                   + ("" if self.out_dir is None else f"; the last checkpoint in {self.out_dir} is intact"))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.comm is not None:

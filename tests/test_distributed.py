@@ -6,6 +6,7 @@ training runs of every variant with each auxiliary loss (none, aux_k, aux_zipf) 
 process step by step, resume across world sizes, streaming from a model, and bad input (uneven batch, mismatched
 configs, a rank that stops). More tests launch `mcsae train` itself: under torchrun (--parallel data and features),
 with --stream (and --resume), and with a rank that hangs until the process group's timeout."""
+import dataclasses
 import json
 import os
 import shutil
@@ -572,3 +573,14 @@ def test_stream_resume_on_another_number_of_processes_is_refused(tmp_path):
     per_epoch = int(one.keep.sum()) // 48
     later = list(zip(range(per_epoch + 2), one.batches(48)))[-1][1]  # resuming in the second epoch skips the first
     assert torch.equal(next(one.batches(48, start=per_epoch + 1)), later)
+
+
+def test_stream_shares_of_a_single_file_corpus(tmp_path):
+    "A one-file corpus is one document: the ranks split its packed contexts instead, disjoint and non-empty."
+    (tmp_path / "book.txt").write_text("It was the best of times, it was the worst of times. " * 300)
+    model, tok = tiny_model(n_layer=1, d_model=16)
+    cfg = dataclasses.replace(_STREAM, corpus=str(tmp_path / "book.txt"), n_tokens=None)
+    whole = StreamSource(cfg, model, tok).tokens
+    parts = [StreamSource(cfg, model, tok, comm=SimpleNamespace(rank=r, world=2)).tokens for r in range(2)]
+    assert all(len(p) for p in parts) and sum(len(p) for p in parts) == len(whole)
+    assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, whole.tolist()))  # the same contexts, split

@@ -427,3 +427,23 @@ def test_failed_write_leaves_nothing(tmp_path, runs, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing half-written, the old export intact
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["cfg.json", "mcsae_ranks.safetensors", "sae_weights.safetensors",
                                                                    "sparsity.safetensors"]
+
+
+@pytest.mark.parametrize("hook_name,cache_hook,same", [
+    ("blocks.8.hook_resid_post", "blocks.8", True),
+    ("blocks.8.hook_resid_pre", "blocks.7", True),  # the input of block 8 is the output of block 7
+    ("blocks.0.hook_resid_pre", "embed", True),
+    ("model.layers.3", "blocks.3", True),
+    ("transformer.h.2", "blocks.2", True),
+    ("blocks.8.hook_resid_pre", "blocks.8", False),  # one block later
+    ("blocks.8.hook_resid_post", "blocks.7", False),
+    ("blocks.8.hook_mlp_out", "blocks.8", False),  # not the residual stream
+])
+def test_imported_hook_is_compared_as_a_residual_position(hook_name, cache_hook, same):
+    "A foreign SAE's hook_name is compared by the residual-stream position it reads, not by its block number."
+    from mcsae.interop import Imported, imported_mismatch
+
+    imp = Imported(SAE(SAEConfig(d_in=16, n_features=32, k=4)), ("batch",), "saelens", "x", hook_name=hook_name)
+    diff = imported_mismatch(imp, {"model": "gpt2", "hook": cache_hook, "d_model": 16})
+    assert (diff == "") == same, diff
+    assert imported_mismatch(imp, {"model": "gpt2", "hook": "transformer.h.3.mlp", "d_model": 16}) == ""  # cannot tell

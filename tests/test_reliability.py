@@ -587,7 +587,9 @@ def test_context_longer_than_the_model_reads_is_a_one_line_error(tmp_path, capsy
     source = ["--model", MODEL, "--hook", 1, "--corpus", CORPUS, "--context-length", 65]
     for args in (["cache", "--out", tmp_path / "c", "--n-tokens", 500, *source],
                  ["train", "--out", tmp_path / "t", *source, "--n-features", 32, "--k", 4, "--batch-size", 64,
-                  "--n-tokens", 640]):
+                  "--n-tokens", 640],
+                 ["train", "--stream", "--out", tmp_path / "s", *source, "--n-features", 32, "--k", 4, "--batch-size",
+                  64, "--n-tokens", 640]):
         code, _, err = run_main(capsys, *args)
         assert_user_error(code, err, "65", "--context-length 64 or less")
     assert list(tmp_path.iterdir()) == []
@@ -785,3 +787,49 @@ def test_local_model_and_corpus_paths_are_the_same_from_any_folder(tmp_path, cap
     assert code == 0 and "Traceback" not in err, err[-2000:]
     code, _, err = run_main(capsys, *train_args(elsewhere / "other", "--model", MODEL, cache=work / "acts", steps=10))
     assert_user_error(code, err, "--model")  # another model (another folder) is still a conflict
+
+
+def test_evaluate_of_a_file_writes_beside_it_and_never_over_the_runs_own(tmp_path, capsys):
+    "`mcsae evaluate RUN/other.safetensors` writes RUN/other.eval.json; RUN/eval.json (the run's own SAE) is untouched."
+    code, out, err = run_main(capsys, *train_args(tmp_path, steps=10))
+    assert code == 0, err[-2000:]
+    run = Path(out.strip().splitlines()[-1]).parent
+    code, _, err = run_main(capsys, "evaluate", run, "--cache", CACHE, "--downstream-contexts", 0)
+    assert code == 0, err[-2000:]
+    own = (run / "eval.json").read_bytes()
+    shutil.copy(run / "sae.safetensors", run / "other.safetensors")
+    code, _, err = run_main(capsys, "evaluate", run / "other.safetensors", "--cache", CACHE, "--downstream-contexts", 0)
+    assert code == 0, err[-2000:]
+    assert (run / "eval.json").read_bytes() == own
+    res = json.loads((run / "other.eval.json").read_text())
+    assert "dead_frac_train" in json.loads(own)  # the run's own evaluation has its training statistics
+    assert res["run"] == str(run / "other.safetensors") and "dead_frac_train" not in res  # not the run's
+    code, _, err = run_main(capsys, "evaluate", run / "typo.safetensors", "--cache", CACHE)
+    assert_user_error(code, err, "typo.safetensors")
+    assert "typo.safetensors/sae.safetensors" not in err
+
+
+def test_provenance_compares_local_paths_as_folders(tmp_path, monkeypatch):
+    "A model recorded by a relative path (older files) and the same folder given absolute are one model; others differ."
+    from mcsae.store import provenance_mismatch
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert provenance_mismatch({"model": "tiny", "hook": "blocks.1"}, {"model": str(tmp_path / "tiny"), "hook": "blocks.1"}) == ""
+    assert "model" in provenance_mismatch({"model": "tiny"}, {"model": str(tmp_path / "other")})
+    assert "model" in provenance_mismatch({"model": "gpt2"}, {"model": "gpt2-medium"})  # hub names: compared as names
+
+
+def test_a_cache_run_does_not_resume_on_a_stream(tmp_path):
+    "A checkpoint that records no stream shares (a cache's run) is not resumed from a --stream source."
+    from mcsae.trainer import TrainConfig, Trainer, read_checkpoint
+
+    cfg = TrainConfig(n_features=32, k=4, batch_size=64, n_tokens=640)
+    t = Trainer(cfg, 16, tmp_path, provenance={"model": MODEL, "hook": "blocks.1"})
+    t.initialize(torch.randn(64, 16))
+    t.save_checkpoint()
+    read_checkpoint(t.checkpoint_path, cfg, {"model": MODEL, "hook": "blocks.1", "d_model": 16})  # from a cache: fine
+    from mcsae.io import UserError
+    with pytest.raises(UserError, match="stream"):
+        read_checkpoint(t.checkpoint_path, cfg, {"model": MODEL, "hook": "blocks.1", "d_model": 16, "stream_processes": 2})
