@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import inspect
 import json
+import os
 import re
 import shlex
 import sys
@@ -370,8 +371,17 @@ def main(argv: list[str] | None = None) -> None:
         message = f"mcsae: error: {_one_line(e)}"
     except KeyboardInterrupt as e:
         print(f"\nmcsae: interrupted: {_one_line(_interrupted(e, args, argv))}", file=sys.stderr)
-        raise SystemExit(130) from None
+        _exit(130)
     else:
         return
     print(message, file=sys.stderr)
-    raise SystemExit(2)
+    _exit(2)
+
+
+def _exit(code: int) -> None:
+    "Exit with code; inside a process group leave at once: a group whose peer failed can abort its own teardown (gloo)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # files are written atomically: nothing is left half-written by skipping the teardown
+    raise SystemExit(code)

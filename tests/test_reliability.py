@@ -274,7 +274,7 @@ def test_commands_refuse_a_cache_of_other_activations_than_the_sae(tmp_path, cap
     (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
     code, _, err = run_main(capsys, "evaluate", tmp_path / "lens", "--cache", CACHE, "--downstream-contexts", 0,
                             "--out", tmp_path / "evals")
-    assert_user_error(code, err, "blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    assert_user_error(code, err, "blocks.0.hook_resid_post", "'blocks.1'")  # its hook vs the cache's, named
     assert not (tmp_path / "evals").exists()
     code, _, err = run_main(capsys, "evaluate", tmp_path / "lens", "--cache", hook0, "--downstream-contexts", 0,
                             "--out", tmp_path / "evals")
