@@ -147,8 +147,17 @@ def main() -> None:
                           f"{row['other_bytes'] / 1e3:9.1f}kB {share:8.2%} {row['rounds_per_step']:6.0f}", flush=True)
     if args.json:
         meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpus": os.cpu_count(),
-                "load_average": os.getloadavg(), "command": " ".join(["bench_distributed.py", *sys.argv[1:]])}
+                "load_average": os.getloadavg(), "command": " ".join(["bench_distributed.py", *map(_portable, sys.argv[1:])])}
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)))
+
+
+def _portable(arg: str) -> str:
+    "A command-line argument as the results may record it: paths of this machine relative to the repository, else bare."
+    if not os.path.isabs(arg):
+        return arg
+    root = Path(__file__).resolve().parent.parent
+    path = Path(arg).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
 
 if __name__ == "__main__":
