@@ -24,10 +24,10 @@ from .distributed import StreamSource, init_data_parallel
 from .evaluate import evaluate_run
 from .feature_parallel import train_feature_parallel
 from .interop import evaluate_external, export_saelens, external_format
-from .io import MissingDependency, UserError, creatable_dir
-from .models import ActivationConfig, resolve_device, local_path
+from .io import MissingDependency, UserError, creatable_dir, missing_dirs
+from .models import ActivationConfig, resolve_device
 from .reproduce import EXPERIMENTS, FIGURES, PRESETS, reproduce
-from .store import build_cache, hook_label, open_cache
+from .store import build_cache, open_cache, same_setting
 from .train import CacheSource, TrainConfig, train
 
 # %% auto #0
@@ -111,11 +111,7 @@ def _check_cache_options(cache, args) -> None:
         if not hasattr(args, name) or name not in built:
             continue
         given, have = getattr(args, name), built[name]
-        if name == "hook":
-            given, have = hook_label(given), hook_label(have)
-        if name in ("model", "corpus") and isinstance(given, str) and isinstance(have, str):
-            given, have = local_path(given), local_path(have)  # ./tiny and /abs/tiny are the same model
-        if given != have:
+        if not same_setting(name, given, have):  # ./tiny and /abs/tiny are one model, 3 and 'blocks.3' one hook
             option = "--" + name.replace("_", "-")
             raise UserError(f"the cache {cache.path} was built with {name}={have!r}, but {option} {given!r} was given: "
                             f"drop {option}, or build a cache for it with `mcsae cache`")
@@ -135,15 +131,6 @@ def _training_cache(args, acfg: ActivationConfig, out: Path):
     except UserError as e:
         raise UserError(f"{e}; it was built by an earlier `mcsae train --out {out}`: pass --cache {path} to train on it "
                         f"as it is, or choose another --out") from None
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    "path and its ancestors that do not exist yet, deepest first."
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _remove_empty(dirs: list[Path]) -> None:
@@ -172,7 +159,7 @@ def cmd_train(args) -> None:
         raise UserError(f"--parallel features trains one SAE at a time, got --kind {args.kind}: pass one kind")
     device = resolve_device(acfg.device)
     out = creatable_dir(args.out)  # all of this before any work, creating nothing: a refused command leaves no folder
-    created = _missing_dirs(out)  # folders this command creates: removed again if it stops while they are empty
+    created = missing_dirs(out)  # folders this command creates: removed again if it stops while they are empty
     try:
         comm = None if args.parallel == "none" else init_data_parallel(timeout_s=args.dist_timeout)  # one rank of torchrun's
         if comm is not None:

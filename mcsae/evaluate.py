@@ -211,7 +211,8 @@ def evaluate_run(run_dir: str | Path, cache, model=None, modes: tuple[str, ...] 
                  progress: bool = True, sae: SAE | None = None) -> dict:
     "Evaluate the SAE of a run folder or file (or `sae`, e.g. an imported one) on a cache's held-out split; write eval.json."
     path = Path(run_dir)  # a run folder, or an SAE file: results in RUN/eval.json, or next to the file as NAME.eval.json
-    ckpt, run_dir = (path, path.parent) if path.is_file() or path.suffix == ".safetensors" else (path / "sae.safetensors", path)
+    is_file = path.is_file() or path.suffix == ".safetensors"
+    ckpt, run_dir = (path, path.parent) if is_file else (path / "sae.safetensors", path)
     own = ckpt.name == "sae.safetensors"  # the run folder's own SAE: its training statistics belong to it
     out_json = run_dir / "eval.json" if own else ckpt.with_name(ckpt.stem + ".eval.json")
     if not (is_int(eval_tokens) and eval_tokens >= 1):

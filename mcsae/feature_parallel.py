@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .allocation import Allocation, feature_choice_allocation, uniform_capacities, zipf_capacities
+from .allocation import Allocation, feature_choice_allocation
 from .distributed import feature_share, mutual_choice_feature_parallel, topk_feature_parallel
 from .io import UserError, atomic_dir, atomic_torch_save, commit_dir, fault_point, locked, writable_dir
 from .losses import FeatureStats, deficit_weights, fit_zipf, nmse
 from .sae import (SAE, SAEConfig, FeatureOrder, SparseCodes, SparseDecode, SparseEncode, by_feature, ema_update_,
-                       fc_batch_thresholds, geometric_median, ranks_by_demand)
+                       fc_batch_thresholds, fc_capacities, geometric_median, ranks_by_demand)
 from .train import (TrainConfig, TrainingDiverged, on_rank0, run_state, truncate_metrics, fold_input_scale, input_scale,
                          log_line, lr_factor, read_checkpoint, wandb_run)
 
@@ -75,14 +75,7 @@ class ShardedSAE(nn.Module):
 
     def capacities(self, n_tokens: int) -> Tensor:
         "This block's slice of the global FC capacities for n_tokens (long [F_r])."
-        F_, budget = self.cfg.n_features, self.cfg.k * n_tokens
-        if self.cfg.capacities == "uniform":
-            caps = uniform_capacities(F_, budget)
-        else:
-            floor = 1 if budget >= F_ else 0
-            caps = floor + zipf_capacities(F_, budget - floor * F_, s=self.cfg.zipf_s, max_per_feature=n_tokens - floor,
-                                           ranks=self.ranks.cpu())
-        return caps[self.first:self.stop].to(self.W_enc.device)
+        return fc_capacities(self.cfg, self.ranks, n_tokens)[self.first:self.stop].to(self.W_enc.device)
 
     def select(self, aff: Tensor):
         cfg = self.cfg

@@ -26,7 +26,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['EXTRAS', 'UserError', 'is_int', 'is_number', 'check_field', 'fault_point', 'temp_path', 'is_temp_name', 'pid_alive',
            'clean_leftovers', 'sync_path', 'atomic_write', 'read_safetensors', 'atomic_torch_save', 'atomic_dir',
-           'commit_dir', 'locked', 'writable_dir', 'check_replaceable', 'creatable_dir', 'MissingDependency', 'require']
+           'commit_dir', 'locked', 'writable_dir', 'check_replaceable', 'missing_dirs', 'creatable_dir',
+           'MissingDependency', 'require']
 
 # %% ../nbs/00_io.ipynb #e6276bca
 class UserError(ValueError):
@@ -289,12 +290,20 @@ def check_replaceable(path: str | Path, overwrite: bool, owned: Callable[[Path],
                         f"move them away or choose another {option}")
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    "path and those of its ancestors that do not exist yet, deepest first (what creating path would create)."
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def creatable_dir(path: str | Path, option: str = "--out") -> Path:
     "Check that folder path exists or could be created, and be written in, creating nothing (UserError naming the option)."
     path = Path(path).expanduser()
-    base = path
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    missing = missing_dirs(path)
+    base = missing[-1].parent if missing else path  # the deepest folder that exists
     if not base.is_dir():
         raise UserError(f"cannot write to {path} ({base} is not a folder): choose another {option}")
     _probe_write(base, path, option)

@@ -253,14 +253,15 @@ def ranks_by_demand(demand: Tensor) -> Tensor:
     return ranks
 
 # %% ../nbs/02_sae.ipynb #566a0dce
-def fc_capacities(cfg: SAEConfig, ranks: Tensor, n_tokens: int) -> Tensor:
+def fc_capacities(cfg: SAEConfig, ranks: Tensor | None, n_tokens: int) -> Tensor:
     "Feature Choice capacities for a batch of n_tokens: k * n_tokens tokens shared by the features' ranks [F], long [F]."
+    # ranks None: feature i has rank i + 1 (capacities by position, as StaticStep lays out its slots)
     F_, budget = cfg.n_features, cfg.k * n_tokens
     if cfg.capacities == "uniform":
         return uniform_capacities(F_, budget)
     floor = 1 if budget >= F_ else 0  # every feature is offered at least one token per batch
     return floor + zipf_capacities(F_, budget - floor * F_, s=cfg.zipf_s, max_per_feature=n_tokens - floor,
-                                   ranks=ranks.cpu())
+                                   ranks=None if ranks is None else ranks.cpu())
 
 # %% ../nbs/02_sae.ipynb #1e86a41c
 class SAE(nn.Module):

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .allocation import csr_offsets, uniform_capacities, zipf_capacities
+from .allocation import csr_offsets
 from .sae import (SAE, FeatureOrder, weighted_bag_sums, feature_sums, private_pair_dots, ema_update_, pair_dots_reference,
-                       private_op_works, ranks_by_demand)
+                       private_op_works, ranks_by_demand, fc_capacities)
 from .trainer import Trainer, TrainingDiverged, lr_factor
 
 # %% auto #0
@@ -144,13 +144,8 @@ class CapacityPlan(NamedTuple):
 
 def capacity_plan(sae: SAE, n_tokens: int, max_entries: int = 2**22) -> CapacityPlan:
     "The fixed slot layout of Feature Choice for batches of n_tokens (sum of capacities = k·n_tokens slots)."
-    cfg, F_ = sae.cfg, sae.cfg.n_features
-    budget = cfg.k * n_tokens
-    if cfg.capacities == "uniform":
-        caps = uniform_capacities(F_, budget)  # by feature index, ranks play no part
-    else:  # SAE.capacities with identity ranks: a feature's capacity depends only on its rank
-        floor = 1 if budget >= F_ else 0
-        caps = floor + zipf_capacities(F_, budget - floor * F_, s=cfg.zipf_s, max_per_feature=n_tokens - floor)
+    cfg = sae.cfg
+    caps = fc_capacities(cfg, None, n_tokens)  # by position: zipf by rank - 1, uniform by feature index
     assert bool((caps[1:] <= caps[:-1]).all()), "internal error: capacities must not increase with position"
     buckets, keep, first = [], [], 0
     n_used = int((caps > 0).sum())

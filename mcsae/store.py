@@ -27,7 +27,7 @@ from .models import ActivationConfig, check_context_length, load_model, resolve_
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'PROVENANCE_KEYS', 'shuffle_batches', 'take_rows', 'activation_batches', 'CacheError', 'hook_label',
-           'provenance', 'provenance_mismatch', 'build_cache', 'ActivationCache', 'open_cache']
+           'provenance', 'same_setting', 'provenance_mismatch', 'build_cache', 'ActivationCache', 'open_cache']
 
 # %% ../nbs/07_store.ipynb #ac6210ce
 def shuffle_batches(
@@ -108,16 +108,19 @@ def provenance(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in PROVENANCE_KEYS}
 
 
+def same_setting(key: str, a, b) -> bool:
+    "Whether two values of an activation setting name the same thing: hooks by label, local model/corpus paths by folder."
+    if key == "hook":
+        return hook_label(a) == hook_label(b)
+    if key in ("model", "corpus") and isinstance(a, str) and isinstance(b, str):
+        return local_path(a) == local_path(b)  # a path recorded relative (older files) or absolute: one folder
+    return a == b
+
+
 def provenance_mismatch(recorded: dict, current: dict, keys: tuple[str, ...] = PROVENANCE_KEYS) -> str:
     "The differences between two provenances on the keys both record ('' if none)."
-    def same(k: str) -> bool:
-        a, b = recorded[k], current[k]
-        if k in ("model", "corpus") and isinstance(a, str) and isinstance(b, str):
-            a, b = local_path(a), local_path(b)  # a local path recorded relative (older files) or absolute: one folder
-        return a == b
-
     diff = [f"{k} {recorded[k]!r} vs {current[k]!r}" for k in keys
-            if recorded.get(k) is not None and current.get(k) is not None and not same(k)]
+            if recorded.get(k) is not None and current.get(k) is not None and not same_setting(k, recorded[k], current[k])]
     return ", ".join(diff)
 
 
